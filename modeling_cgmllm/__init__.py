@@ -1,0 +1,35 @@
+"""cg-mllm: CG-MLLM (arXiv 2601.21798) for the Hugging Face ecosystem.
+
+Importing `cgmllm` registers the model with the transformers Auto classes, so that
+`AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` resolve `model_type="cgmllm"` to the installed code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration_cgmllm import SHAPE_SPECIAL_TOKENS, CGMLLMConfig
+from .modeling_cgmllm import (
+    CGMLLMForConditionalGeneration,
+    CGMLLMModel,
+    CGMLLMPreTrainedModel,
+    CGMLLMTimestepEmbedder,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
+AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
+# `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
+# with `trust_remote_code=True` where this package is not installed.
+CGMLLMConfig.register_for_auto_class("AutoConfig")
+CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "SHAPE_SPECIAL_TOKENS",
+    "CGMLLMConfig",
+    "CGMLLMForConditionalGeneration",
+    "CGMLLMModel",
+    "CGMLLMPreTrainedModel",
+    "CGMLLMTimestepEmbedder",
+]
