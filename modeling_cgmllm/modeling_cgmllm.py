@@ -461,8 +461,6 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         if noisy_shape_mask is None:
             noisy_shape_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         is_image = input_ids == self.config.image_token_id
-        if bool((input_ids == self.config.video_token_id).any()):
-            raise ValueError("CG-MLLM does not support video inputs; pass images (`pixel_values`) instead.")
         merge = self.config.vision_config.spatial_merge_size
         grid_iter = iter(image_grid_thw) if image_grid_thw is not None else None
 

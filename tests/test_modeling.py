@@ -1,0 +1,331 @@
+"""Core model: Qwen3-VL parity, hybrid mask, permutation equivariance, remote code, training step, bad input."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import (
+    IMAGE,
+    OBJ_END,
+    OBJ_PAD,
+    OBJ_START,
+    VISION_END,
+    VISION_START,
+    randomize_heads,
+    shape_span,
+    tiny_cgmllm_config,
+    tiny_text_config,
+    tiny_vision_config,
+)
+from transformers import AutoConfig, AutoModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+from cgmllm import CGMLLMConfig, CGMLLMForConditionalGeneration
+from cgmllm.masking_cgmllm import create_hybrid_attention_mask
+
+
+def _tiny_qwen(seed=0):
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=tiny_text_config(),
+        vision_config=tiny_vision_config(),
+        image_token_id=IMAGE,
+        video_token_id=4,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def _from_qwen(qwen):
+    return CGMLLMForConditionalGeneration.from_qwen3_vl(
+        qwen, obj_start_token_id=OBJ_START, obj_end_token_id=OBJ_END, obj_pad_token_id=OBJ_PAD,
+        shape_latent_channels=8, num_shape_tokens=6,
+    ).eval()
+
+
+# 1. Parity with transformers' Qwen3-VL -------------------------------------------------------------------------------
+def test_text_logits_equal_qwen3_vl():
+    qwen = _tiny_qwen()
+    model = _from_qwen(qwen)
+    input_ids = torch.randint(7, 80, (2, 12))
+    with torch.no_grad():
+        expected = qwen(input_ids=input_ids).logits
+        actual = model(input_ids=input_ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_image_logits_equal_qwen3_vl():
+    qwen = _tiny_qwen(1)
+    model = _from_qwen(qwen)
+    image_span = torch.tensor([[VISION_START] + [IMAGE] * 6 + [VISION_END]] * 2)
+    input_ids = torch.cat([torch.randint(7, 80, (2, 3)), image_span, torch.randint(7, 80, (2, 4))], dim=1)
+    pixel_values = torch.randn(12, 3 * 2 * 16 * 16)
+    grid = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    with torch.no_grad():
+        expected = qwen(
+            input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
+            mm_token_type_ids=(input_ids == IMAGE).long(),
+        ).logits
+        actual = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_block_ar_is_a_copy_of_token_ar_after_from_qwen3_vl():
+    model = _from_qwen(_tiny_qwen())
+    state = model.state_dict()
+    block_keys = [k for k in state if "_block_ar" in k]
+    assert len(block_keys) == 2 * (6 + 2 + 3) + 1  # per layer: 6 attn, 2 norms, 3 mlp; plus the final norm
+    for key in block_keys:
+        torch.testing.assert_close(state[key], state[key.replace("_block_ar", "")], rtol=0, atol=0)
+    assert model.llm2obj.weight.abs().sum() == 0
+
+
+# 2. The hybrid mask --------------------------------------------------------------------------------------------------
+def _reference_mask(block, noisy, sample, keep):
+    """Dense (L, L) mask from the written rules, one pair at a time."""
+    length = len(block)
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for q in range(length):
+        for kv in range(length):
+            if q == kv:
+                mask[q, kv] = True
+                continue
+            if not keep[kv] or sample[q] != sample[kv]:
+                continue
+            same_block = block[q] >= 0 and block[q] == block[kv]
+            if noisy[kv] and not same_block:
+                continue
+            mask[q, kv] = same_block or kv <= q
+    return mask
+
+
+def test_hybrid_mask_region_by_region(tiny_config):
+    # text(3) | clean block A (start, 2 rows, end) | text(2) | noisy block B (start, 3 rows, end) | text(2) | pad(2)
+    block = [-1] * 3 + [0] * 4 + [-1] * 2 + [1] * 5 + [-1] * 2 + [-1] * 2
+    noisy = [False] * 9 + [True] * 5 + [False] * 4
+    keep = [True] * 16 + [False] * 2
+    sample = [0] * 18
+    # Second row: two packed samples (9 + 9 tokens), each with a clean block.
+    block2 = [-1, 0, 0, 0, -1, -1, -1, -1, -1] * 2
+    noisy2 = [False] * 18
+    sample2 = [0] * 9 + [1] * 9
+    config = tiny_config.text_config
+    config._attn_implementation = "sdpa"
+    mask = create_hybrid_attention_mask(
+        config,
+        torch.zeros(2, 18, 32),
+        torch.tensor([keep, [True] * 18]).long(),
+        0,
+        torch.tensor([block, block2]),
+        torch.tensor([noisy, noisy2]),
+        torch.tensor([sample, sample2]),
+    )
+    assert mask.shape == (2, 1, 18, 18) and mask.dtype == torch.bool
+    m = mask[0, 0]
+    assert not m[2, 3] and not m[0, 8]  # causal before the clean block
+    assert m[3:7, 3:7].all()  # clean block: bidirectional
+    assert m[7:9, 3:7].all()  # later text sees the clean block
+    assert not m[4, 7]  # a clean block row does not see later text
+    assert m[9:14, 9:14].all()  # noisy block: bidirectional, markers included
+    assert m[9:14, 0:9].all()  # the noisy block sees everything before it
+    assert not m[14:16, 9:14].any()  # nothing after a noisy block sees it
+    assert m[14:16, 0:9].all()  # ... but it sees what came before the block
+    assert not m[:16, 16:].any()  # padding is never attended to
+    assert m[16, 16] and m[17, 17]  # pad rows attend to themselves only (finite outputs)
+    m2 = mask[1, 0]
+    assert not m2[9:, :9].any() and not m2[:9, 9:].any()  # packed samples are isolated
+    assert m2[10:13, 10:13].all()
+    torch.testing.assert_close(m, _reference_mask(block, noisy, sample, keep))
+    torch.testing.assert_close(m2, _reference_mask(block2, noisy2, sample2, [True] * 18))
+
+
+def _mixed_batch(num_rows=6, channels=8):
+    input_ids = torch.tensor(
+        [[11, 12, 13] + shape_span(num_rows) + [14, 15],
+         [16, 17, 18] + shape_span(num_rows) + [19, 20]]
+    )
+    latents = torch.randn(2 * num_rows, channels)
+    timesteps = torch.tensor([0.0] * num_rows + [0.7] * num_rows)  # row 0: clean block, row 1: noisy block
+    return input_ids, latents, timesteps
+
+
+def test_eager_and_flex_match_sdpa(tiny_model):
+    input_ids, latents, timesteps = _mixed_batch()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0  # left padding in the second row
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, attention_mask=attention_mask, shape_latents=latents,
+                               shape_timesteps=timesteps)
+        for implementation in ("eager", "flex_attention"):
+            tiny_model.set_attn_implementation({"text_config": implementation, "vision_config": "sdpa"})
+            out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, shape_latents=latents,
+                             shape_timesteps=timesteps)
+            torch.testing.assert_close(out.logits, reference.logits, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.velocity, reference.velocity, rtol=1e-4, atol=1e-5)
+    assert reference.velocity.abs().sum() > 0
+
+
+def test_nothing_reads_a_noisy_block(tiny_model):
+    input_ids, latents, timesteps = _mixed_batch()
+    changed = latents.clone()
+    changed[6:] += 5.0  # change the noisy block of row 1
+    with torch.no_grad():
+        a = tiny_model(input_ids=input_ids, shape_latents=latents, shape_timesteps=timesteps).logits
+        b = tiny_model(input_ids=input_ids, shape_latents=changed, shape_timesteps=timesteps).logits
+    torch.testing.assert_close(a[1, -2:], b[1, -2:])  # text after the noisy block is blind to it
+    assert not torch.allclose(a[1, 3:11], b[1, 3:11])  # the block itself changes
+    changed_clean = latents.clone()
+    changed_clean[:6] += 5.0  # the clean block of row 0 is context for the text after it
+    with torch.no_grad():
+        c = tiny_model(input_ids=input_ids, shape_latents=changed_clean, shape_timesteps=timesteps).logits
+    assert not torch.allclose(a[0, -2:], c[0, -2:])
+
+
+# 3. No positions inside a block ---------------------------------------------------------------------------------------
+def test_block_is_permutation_equivariant(tiny_model):
+    input_ids = torch.tensor([[11, 12, 13] + shape_span(6)])
+    latents = torch.randn(6, 8)
+    timesteps = torch.full((6,), 0.4)
+    permutation = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        v = tiny_model(input_ids=input_ids, shape_latents=latents, shape_timesteps=timesteps).velocity
+        v_perm = tiny_model(input_ids=input_ids, shape_latents=latents[permutation], shape_timesteps=timesteps).velocity
+    torch.testing.assert_close(v_perm, v[permutation], rtol=1e-5, atol=1e-6)
+    positions = tiny_model(input_ids=input_ids, shape_latents=latents, shape_timesteps=timesteps).position_ids
+    assert positions[:, 0, 3:].unique().numel() == 1  # markers and rows share one id
+
+
+# KV cache ------------------------------------------------------------------------------------------------------------
+def test_read_only_cache_matches_full_sequence(tiny_model):
+    prompt = torch.tensor([[21, 22, 23, 24, 25]])
+    block = torch.tensor([shape_span(6)])
+    latents, timesteps = torch.randn(6, 8), torch.full((6,), 0.8)
+    with torch.no_grad():
+        full = tiny_model(input_ids=torch.cat([prompt, block], 1), shape_latents=latents, shape_timesteps=timesteps)
+        prefill = tiny_model(input_ids=prompt, use_cache=True)
+        cache = prefill.past_key_values if hasattr(prefill, "past_key_values") else prefill.cache
+        rope = torch.full((3, 1, block.shape[1]), prompt.shape[1])
+        for _ in range(2):  # twice: the cache must stay untouched
+            step = tiny_model(input_ids=block, cache=cache, update_cache=False, position_ids=rope,
+                              shape_latents=latents, shape_timesteps=timesteps)
+            assert cache.get_seq_length() == prompt.shape[1]
+            torch.testing.assert_close(step.velocity, full.velocity, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_matches_uncached_greedy_decoding(tiny_model):
+    prompt = torch.tensor([shape_span(6) + [30, 31]])
+    latents = torch.randn(6, 8)
+    generated = tiny_model.generate(input_ids=prompt, shape_latents=latents, max_new_tokens=6, do_sample=False)
+    current = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=current, shape_latents=latents, shape_timesteps=torch.zeros(6)).logits
+        current = torch.cat([current, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    torch.testing.assert_close(generated, current)
+
+
+# 4. Remote code ------------------------------------------------------------------------------------------------------
+def test_save_and_load_with_remote_code_without_the_package(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"modeling_cgmllm.py", "configuration_cgmllm.py", "masking_cgmllm.py", "config.json"} <= files
+    assert not any(p.is_dir() for p in (tmp_path / "ckpt").iterdir())
+    input_ids, latents, timesteps = _mixed_batch()
+    with torch.no_grad():
+        expected = tiny_model(input_ids=input_ids, shape_latents=latents, shape_timesteps=timesteps)
+    torch.save({"input_ids": input_ids, "latents": latents, "timesteps": timesteps}, tmp_path / "inputs.pt")
+
+    # Same process, package imported: the registered class wins.
+    loaded = AutoModel.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    assert type(loaded) is CGMLLMForConditionalGeneration
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["cgmllm"] = None  # make the installed package unimportable
+        import torch
+        from transformers import AutoModel
+        try:
+            import cgmllm
+            raise SystemExit("cgmllm should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            out = model(input_ids=inputs["input_ids"], shape_latents=inputs["latents"],
+                        shape_timesteps=inputs["timesteps"])
+        torch.save({{"logits": out.logits, "velocity": out.velocity}}, {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(out["logits"], expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out["velocity"], expected.velocity, rtol=0, atol=0)
+
+
+def test_config_round_trip_and_auto_config(tmp_path, tiny_config):
+    tiny_config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CGMLLMConfig)
+    assert loaded.num_shape_tokens == 6 and loaded.obj_pad_token_id == OBJ_PAD
+    assert loaded.text_config.hidden_size == 32
+    with pytest.raises(ValueError, match="shape_block_size"):
+        tiny_cgmllm_config(shape_block_size=4)
+
+
+# 5. Training step ----------------------------------------------------------------------------------------------------
+def test_one_optimizer_step_lowers_both_losses():
+    torch.manual_seed(0)
+    model = CGMLLMForConditionalGeneration(tiny_cgmllm_config()).train()
+    input_ids = torch.tensor([[11, 12, 13, 14] + shape_span(6) + [40, 41, 42]] * 2)
+    labels = input_ids.clone()
+    labels[:, 4:12] = -100
+    latents = torch.randn(12, 8)
+
+    def losses():
+        out = model(input_ids=input_ids, labels=labels, shape_latents=latents,
+                    generator=torch.Generator().manual_seed(123))
+        return out
+
+    before = losses()
+    assert before.lm_loss is not None and before.flow_loss is not None
+    torch.testing.assert_close(before.loss, before.lm_loss + before.flow_loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before.loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = losses()
+    assert after.lm_loss < before.lm_loss
+    assert after.flow_loss < before.flow_loss
+
+
+def test_clean_blocks_get_no_flow_loss(tiny_model):
+    input_ids = torch.tensor([shape_span(6) + [30, 31]])
+    out = tiny_model(input_ids=input_ids, shape_latents=torch.randn(6, 8), shape_loss_mask=torch.zeros(6, dtype=bool),
+                     labels=input_ids)
+    assert out.flow_loss is None and torch.all(out.shape_timesteps == 0)
+    assert out.loss is not None
+
+
+# Bad input -----------------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(tiny_model):
+    input_ids = torch.tensor([[11, 12] + shape_span(6)])
+    with pytest.raises(ValueError, match=r"shape \(num_latent_rows, 8\)"):
+        tiny_model(input_ids=input_ids, shape_latents=torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"<\|obj_pad\|>` tokens \(6\) must equal .* \(4\)"):
+        tiny_model(input_ids=input_ids, shape_latents=torch.randn(4, 8))
+    with pytest.raises(ValueError, match="no `shape_latents`"):
+        tiny_model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="no `pixel_values`"):
+        tiny_model(input_ids=torch.tensor([[11, VISION_START, IMAGE, IMAGE, VISION_END]]))
+    with pytest.raises(ValueError, match="Unbalanced"):
+        tiny_model(input_ids=torch.tensor([[11, OBJ_END, 12]]))
+    tiny_model.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attention implementation"):
+        tiny_model(input_ids=torch.tensor([[11, 12]]))
