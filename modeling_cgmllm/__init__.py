@@ -4,7 +4,7 @@ Importing `cgmllm` registers the model with the transformers Auto classes, so th
 `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` resolve `model_type="cgmllm"` to the installed code.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_cgmllm import SHAPE_SPECIAL_TOKENS, CGMLLMConfig
 from .modeling_cgmllm import (
@@ -13,6 +13,8 @@ from .modeling_cgmllm import (
     CGMLLMPreTrainedModel,
     CGMLLMTimestepEmbedder,
 )
+from .processing_cgmllm import CGMLLMProcessor
+from .tokenization_cgmllm import train_bbpe_tokenizer
 
 
 __version__ = "0.1.0"
@@ -20,10 +22,12 @@ __version__ = "0.1.0"
 AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
 AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(CGMLLMConfig, CGMLLMProcessor, exist_ok=True)
 # `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
 # with `trust_remote_code=True` where this package is not installed.
 CGMLLMConfig.register_for_auto_class("AutoConfig")
 CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
+CGMLLMProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SHAPE_SPECIAL_TOKENS",
@@ -31,5 +35,7 @@ __all__ = [
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",
     "CGMLLMPreTrainedModel",
+    "CGMLLMProcessor",
     "CGMLLMTimestepEmbedder",
+    "train_bbpe_tokenizer",
 ]
