@@ -329,3 +329,81 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
     tiny_model.config.text_config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attention implementation"):
         tiny_model(input_ids=torch.tensor([[11, 12]]))
+
+
+# Packing ---------------------------------------------------------------------------------------------------------------
+def test_packed_samples_equal_separate_samples(tiny_model):
+    first = [11, 12] + shape_span(6) + [13]
+    second = [21, 22, 23] + shape_span(6) + [24, 25]
+    latents = torch.randn(12, 8)
+    timesteps = torch.tensor([0.0] * 6 + [0.6] * 6)
+    packed = torch.tensor([first + second])
+    sample_ids = torch.tensor([[0] * len(first) + [1] * len(second)])
+    with torch.no_grad():
+        out = tiny_model(input_ids=packed, packed_sample_ids=sample_ids, shape_latents=latents,
+                         shape_timesteps=timesteps)
+        a = tiny_model(input_ids=torch.tensor([first]), shape_latents=latents[:6], shape_timesteps=timesteps[:6])
+        b = tiny_model(input_ids=torch.tensor([second]), shape_latents=latents[6:], shape_timesteps=timesteps[6:])
+    torch.testing.assert_close(out.logits[0, : len(first)], a.logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[0, len(first):], b.logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.velocity, torch.cat([a.velocity, b.velocity]), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = randomize_heads(CGMLLMForConditionalGeneration(tiny_cgmllm_config())).train()
+    input_ids = torch.tensor([[11, 12, 13] + shape_span(6) + [40, 41]])
+    latents = torch.randn(6, 8)
+
+    def grads():
+        model.zero_grad()
+        out = model(input_ids=input_ids, labels=input_ids, shape_latents=latents,
+                    generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_generate_with_an_image_prompt(tiny_model):
+    input_ids = torch.tensor([[11, VISION_START] + [IMAGE] * 4 + [VISION_END, 12]])
+    pixel_values = torch.randn(4, 3 * 2 * 16 * 16)
+    grid = torch.tensor([[1, 2, 2]])
+    generated = tiny_model.generate(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
+                                    max_new_tokens=4, do_sample=False)
+    current = input_ids
+    for _ in range(4):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=current, pixel_values=pixel_values, image_grid_thw=grid).logits
+        current = torch.cat([current, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    torch.testing.assert_close(generated, current)
+
+
+def test_from_qwen3_vl_folder_adds_tokens_and_resizes(tmp_path):
+    from cgmllm import train_bbpe_tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    base = train_bbpe_tokenizer(["a tall cylinder", "a flat box on a sphere"] * 4, vocab_size=280)
+    qwen = _tiny_qwen(2)
+    qwen.save_pretrained(tmp_path / "qwen")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    model = CGMLLMForConditionalGeneration.from_qwen3_vl(tmp_path / "qwen", num_shape_tokens=6,
+                                                          shape_latent_channels=8)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "qwen")
+    ids = reloaded.convert_tokens_to_ids(["<|obj_start|>", "<|obj_end|>", "<|obj_pad|>"])
+    assert [model.config.obj_start_token_id, model.config.obj_end_token_id, model.config.obj_pad_token_id] == ids
+    # The tokenizer (280 tokens) outgrew the 99-row embedding: it was resized, old rows kept.
+    assert model.get_input_embeddings().weight.shape[0] >= max(ids) + 1
+    torch.testing.assert_close(model.get_input_embeddings().weight[:99], qwen.get_input_embeddings().weight)
+    with torch.no_grad():
+        x = torch.randint(20, 80, (1, 8))  # ids 0-9 are the special tokens of this tokenizer
+        torch.testing.assert_close(model(input_ids=x).logits[..., :99], qwen(input_ids=x).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not a local Qwen3-VL checkpoint folder"):
+        CGMLLMForConditionalGeneration.from_qwen3_vl(tmp_path / "missing")
