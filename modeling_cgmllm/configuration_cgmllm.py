@@ -5,6 +5,7 @@ small connector / timestep embedder / velocity head around a frozen 3D VAE. The 
 `Qwen3VLConfig` (same `text_config` / `vision_config`, same image token ids) extended with the 3D settings.
 """
 
+from huggingface_hub.dataclasses import strict
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
 
 
@@ -12,6 +13,7 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
 SHAPE_SPECIAL_TOKENS = ("<|obj_start|>", "<|obj_end|>", "<|obj_pad|>")
 
 
+@strict
 class CGMLLMConfig(Qwen3VLConfig):
     r"""
     Configuration of a [`CGMLLMForConditionalGeneration`].
@@ -54,14 +56,14 @@ class CGMLLMConfig(Qwen3VLConfig):
     num_shape_tokens: int = 4096
     shape_block_size: int | None = None
     timestep_embedding_dim: int = 256
-    timestep_shift: float = 1.0
-    timestep_logit_mean: float = 0.0
-    timestep_logit_std: float = 1.0
+    timestep_shift: float | int = 1.0
+    timestep_logit_mean: float | int = 0.0
+    timestep_logit_std: float | int = 1.0
     obj_start_token_id: int = 151669
     obj_end_token_id: int = 151670
     obj_pad_token_id: int = 151671
-    lm_loss_weight: float = 1.0
-    flow_loss_weight: float = 1.0
+    lm_loss_weight: float | int = 1.0
+    flow_loss_weight: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

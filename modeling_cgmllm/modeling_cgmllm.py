@@ -466,19 +466,20 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
 
         position_ids = torch.zeros(3, batch_size, seq_len, dtype=torch.long, device=device)
         deltas = []
-        ids_cpu = is_image.cpu()
-        blocks_cpu = shape_block_ids.cpu()
-        noisy_cpu = noisy_shape_mask.cpu()
-        samples_cpu = packed_sample_ids.cpu() if packed_sample_ids is not None else None
-        keep_cpu = attention_mask.bool().cpu() if attention_mask is not None else None
+        # Plain Python lists: one pass per row over run-length segments, no per-token tensor indexing.
+        image_rows = is_image.tolist()
+        block_rows = shape_block_ids.tolist()
+        noisy_rows = noisy_shape_mask.tolist()
+        sample_rows = packed_sample_ids.tolist() if packed_sample_ids is not None else None
+        keep_rows = attention_mask.bool().tolist() if attention_mask is not None else None
         for b in range(batch_size):
-            columns = torch.arange(seq_len) if keep_cpu is None else keep_cpu[b].nonzero().squeeze(-1)
+            columns = range(seq_len) if keep_rows is None else [c for c, k in enumerate(keep_rows[b]) if k]
             # Run-length segments over (sample, kind, block): kind 0 text, 1 image, 2 3D block.
             segments = []
-            for col in columns.tolist():
-                sample = int(samples_cpu[b, col]) if samples_cpu is not None else 0
-                block = int(blocks_cpu[b, col])
-                kind = 2 if block >= 0 else (1 if bool(ids_cpu[b, col]) else 0)
+            for col in columns:
+                sample = sample_rows[b][col] if sample_rows is not None else 0
+                block = block_rows[b][col]
+                kind = 2 if block >= 0 else (1 if image_rows[b][col] else 0)
                 key = (sample, kind, block if kind == 2 else -1)
                 if segments and segments[-1][0] == key:
                     segments[-1][1].append(col)
@@ -505,7 +506,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                     current += max(int(grid_thw[1]), int(grid_thw[2])) // merge
                 else:
                     pos = torch.full((3, len(cols)), current, dtype=torch.long, device=device)
-                    if not bool(noisy_cpu[b, cols[0]]):
+                    if not noisy_rows[b][cols[0]]:
                         current += 1
                 position_ids[:, b, index] = pos
                 max_position = max(max_position, int(pos.max()))

@@ -407,3 +407,9 @@ def test_from_qwen3_vl_folder_adds_tokens_and_resizes(tmp_path):
         torch.testing.assert_close(model(input_ids=x).logits[..., :99], qwen(input_ids=x).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="not a local Qwen3-VL checkpoint folder"):
         CGMLLMForConditionalGeneration.from_qwen3_vl(tmp_path / "missing")
+
+
+def test_config_validates_field_types():
+    with pytest.raises(Exception, match="num_shape_tokens"):
+        tiny_cgmllm_config(num_shape_tokens="many")
+    assert tiny_cgmllm_config(timestep_shift=3).timestep_shift == 3
