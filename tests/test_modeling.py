@@ -413,3 +413,15 @@ def test_config_validates_field_types():
     with pytest.raises(Exception, match="num_shape_tokens"):
         tiny_cgmllm_config(num_shape_tokens="many")
     assert tiny_cgmllm_config(timestep_shift=3).timestep_shift == 3
+
+
+def test_several_objects_per_sample_get_their_own_timestep(tiny_model):
+    input_ids = torch.tensor([[11] + shape_span(6) + [12, 13] + shape_span(6) + [14]])
+    out = tiny_model(input_ids=input_ids, shape_latents=torch.randn(12, 8), labels=input_ids,
+                     generator=torch.Generator().manual_seed(3))
+    t = out.shape_timesteps
+    assert t[:6].unique().numel() == 1 and t[6:].unique().numel() == 1 and t[0] != t[6]
+    assert out.flow_loss is not None and torch.isfinite(out.loss)
+    # Official convention: a noisy block does not advance the mRoPE id, so the text after it continues from it.
+    positions = out.position_ids[0, 0].tolist()
+    assert positions[1:9] == [1] * 8 and positions[9:11] == [1, 2] and positions[11:19] == [3] * 8
