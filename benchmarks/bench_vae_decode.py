@@ -1,0 +1,144 @@
+"""Dense vs hierarchical volume decoding: field queries, wall time, and whether the meshes are identical.
+
+Two fields, both positive inside and meshed at level 0:
+
+* `vae`: a tiny ShapeVAE (width 32, 4 heads, 128 latents) fitted for a few hundred steps to the real `nut.ply` mesh
+  with `ShapeVAE.compute_loss`, so that its 0-level is an actual surface and each query costs a real geometry-decoder
+  cross-attention. This is the case the hierarchical decoder is for: query cost dominates.
+* `analytic`: a wavy ellipsoid pierced by a thin disc (pure torch, ~free per query), which isolates the
+  bookkeeping overhead of the hierarchical decoder.
+
+It also times pure-torch farthest point sampling at the released encoder size (81,920 -> 4,096 points).
+
+Usage: python benchmarks/bench_vae_decode.py [--resolutions 128 256 384] [--fields vae analytic] [--fit-steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface
+from cgmllm.modeling_shape_vae import ShapeVAE, farthest_point_sampling
+from cgmllm.volume_decoding import decode_volume_dense, decode_volume_hierarchical, marching_cubes
+
+
+REAL_MESHES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
+
+
+def analytic_field(xyz: torch.Tensor) -> torch.Tensor:
+    ellipsoid = 0.5 - ((xyz / torch.tensor([0.8, 0.5, 0.3])) ** 2).sum(-1).sqrt() + 0.05 * torch.sin(20 * xyz[:, 0])
+    disc = torch.minimum(0.03 - (xyz[:, 2] - 0.2).abs(), 0.9 - xyz[:, :2].norm(dim=-1))
+    return torch.maximum(ellipsoid, disc)
+
+
+def fitted_vae_field(fit_steps: int, seed: int = 0):
+    """Fits a tiny ShapeVAE to nut.ply and returns `(field_fn, seconds spent fitting, final recon loss)`."""
+    torch.manual_seed(seed)
+    mesh = normalize_mesh(load_mesh(REAL_MESHES / "nut.ply"))[0]
+    model = ShapeVAE(
+        num_latents=128, embed_dim=16, width=32, heads=4, num_encoder_layers=1, num_decoder_layers=2,
+        num_freqs=6, pc_size=2048, pc_sharpedge_size=0, downsample_ratio=16,
+    )
+    surface = torch.from_numpy(sample_surface(mesh, 2048, seed=seed))[None]
+    points, labels = sample_sdf_points(mesh, num_near=4096, num_uniform=4096, seed=seed)
+    points, labels = torch.from_numpy(points)[None], torch.from_numpy(labels)[None]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    recon_loss = float("nan")
+    for _ in range(fit_steps):
+        batch = torch.randint(points.shape[1], (2048,), generator=generator)  # a fresh subset of the labels each step
+        output = model.compute_loss(surface, points[:, batch], labels[:, batch], kl_weight=1e-4, generator=generator)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        recon_loss = output.recon_loss.item()
+    fit_seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        features = model.decode(model.encode(surface, generator=generator).mode())
+    return model.field_fn(features), fit_seconds, recon_loss
+
+
+class CountingField:
+    """Wraps a field to count the points it is asked about (independently of the decoders' own counters)."""
+
+    def __init__(self, field):
+        self.field, self.count = field, 0
+
+    def __call__(self, xyz):
+        self.count += len(xyz)
+        return self.field(xyz)
+
+
+def run(field, resolution: int, num_chunks: int) -> dict:
+    row = {"resolution": resolution}
+    meshes = {}
+    for method in ("dense", "hierarchical"):
+        counting = CountingField(field)
+        start = time.perf_counter()
+        if method == "dense":
+            grid = decode_volume_dense(counting, resolution, num_chunks=num_chunks)
+        else:
+            grid = decode_volume_hierarchical(counting, resolution, num_chunks=num_chunks)
+        row[f"{method}_s"] = time.perf_counter() - start
+        row[f"{method}_queries"] = counting.count
+        assert counting.count == grid.num_queries
+        meshes[method] = marching_cubes(grid)
+        del grid
+    row["same_mesh"] = np.array_equal(meshes["dense"].faces, meshes["hierarchical"].faces) and np.array_equal(
+        meshes["dense"].vertices, meshes["hierarchical"].vertices
+    )
+    row["faces"] = len(meshes["dense"].faces)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 384])
+    parser.add_argument("--fields", nargs="+", default=["vae", "analytic"], choices=["vae", "analytic"])
+    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--num-chunks", type=int, default=32768)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    points = torch.rand(1, 81920, 3, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    farthest_point_sampling(points, 4096, generator=torch.Generator().manual_seed(0))
+    print(f"farthest point sampling 81,920 -> 4,096 points: {time.perf_counter() - start:.2f} s")
+
+    rows = []
+    for name in args.fields:
+        if name == "vae":
+            field, fit_seconds, loss = fitted_vae_field(args.fit_steps)
+            print(f"tiny ShapeVAE fitted to nut.ply: {args.fit_steps} steps in {fit_seconds:.1f} s, recon BCE {loss:.3f}")
+        else:
+            field = analytic_field
+        for resolution in args.resolutions:
+            row = run(field, resolution, args.num_chunks)
+            row["field"] = name
+            rows.append(row)
+            print(f"  done {name} @ {resolution}", flush=True)
+
+    header = (
+        f"| field | res | dense queries | hier. queries | query ratio | dense s | hier. s | speed-up | same mesh | faces |"
+    )
+    print()
+    print(header)
+    print("|" + "---|" * 10)
+    for r in rows:
+        print(
+            f"| {r['field']} | {r['resolution']} | {r['dense_queries']:,} | {r['hierarchical_queries']:,} "
+            f"| {r['dense_queries'] / r['hierarchical_queries']:.1f}x | {r['dense_s']:.2f} | {r['hierarchical_s']:.2f} "
+            f"| {r['dense_s'] / r['hierarchical_s']:.1f}x | {r['same_mesh']} | {r['faces']:,} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

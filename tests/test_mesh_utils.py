@@ -1,0 +1,315 @@
+"""Mesh I/O, normalisation, surface / occupancy sampling, and field -> mesh extraction."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from cgmllm.mesh_utils import (
+    denormalize_mesh,
+    load_mesh,
+    normalize_mesh,
+    occupancy,
+    remove_floaters,
+    sample_sdf_points,
+    sample_surface,
+    sharp_edges,
+    simplify_mesh,
+    winding_number,
+)
+from cgmllm.volume_decoding import (
+    decode_volume_dense,
+    decode_volume_hierarchical,
+    dense_grid_points,
+    field_to_mesh,
+    hierarchical_levels,
+    marching_cubes,
+)
+
+
+REAL_MESH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
+REAL_MESHES = ["airplane.ply", "ant.ply", "nut.ply", "sphere.ply"]
+
+
+def real_mesh_path(name: str) -> Path:
+    path = REAL_MESH_DIR / name
+    if not path.is_file():
+        pytest.skip(f"real mesh {path} is not available")
+    return path
+
+
+def closest_faces(mesh: trimesh.Trimesh, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact `(distance, face index)` of each point to the mesh, brute force over all triangles with trimesh's
+    point-triangle closest point (trimesh.proximity would need the optional rtree package)."""
+    triangles = np.asarray(mesh.triangles)
+    distances, faces = [], []
+    for point in points:
+        closest = trimesh.triangles.closest_point(triangles, np.repeat(point[None], len(triangles), axis=0))
+        distance = np.linalg.norm(closest - point, axis=1)
+        faces.append(distance.argmin())
+        distances.append(distance.min())
+    return np.asarray(distances), np.asarray(faces)
+
+
+def sphere_field(radius: float = 0.6, center=(0.0, 0.0, 0.0)):
+    center = torch.tensor(center, dtype=torch.float32)
+    return lambda xyz: radius - (xyz - center).norm(dim=-1)  # positive inside
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REAL_MESHES)
+def test_load_and_normalize_real_meshes(name):
+    mesh = load_mesh(real_mesh_path(name))
+    assert len(mesh.faces) > 0 and np.isfinite(mesh.vertices).all()
+
+    normalized, center, scale_factor = normalize_mesh(mesh)
+    bounds = normalized.bounds
+    np.testing.assert_allclose((bounds[0] + bounds[1]) / 2, 0.0, atol=1e-9)
+    assert np.isclose((bounds[1] - bounds[0]).max(), 2 * 0.9999)
+    restored = denormalize_mesh(normalized, center, scale_factor)
+    np.testing.assert_allclose(restored.vertices, mesh.vertices, rtol=1e-9, atol=1e-9 * np.abs(mesh.vertices).max())
+
+
+def test_load_from_bytes_with_sniffing_and_passthrough():
+    data = real_mesh_path("nut.ply").read_bytes()
+    from_bytes = load_mesh(data)  # type sniffed from the "ply" magic
+    from_file = load_mesh(real_mesh_path("nut.ply"))
+    np.testing.assert_allclose(from_bytes.vertices, from_file.vertices)
+    assert load_mesh(from_file) is from_file
+
+
+def test_glb_scene_is_merged_with_transforms():
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.creation.box(extents=(1, 1, 1)), transform=trimesh.transformations.translation_matrix((3, 0, 0)))
+    scene.add_geometry(trimesh.creation.icosphere(subdivisions=1, radius=0.5))
+    for source in (scene.export(file_type="glb"), scene):
+        mesh = load_mesh(source, file_type="glb")
+        assert len(mesh.faces) == 12 + 80
+        np.testing.assert_allclose(mesh.bounds, [[-0.5, -0.5, -0.5], [3.5, 0.5, 0.5]], atol=1e-6)
+
+
+PLY_HEADER = "ply\nformat ascii 1.0\nelement vertex {nv}\nproperty float x\nproperty float y\nproperty float z\n"
+
+
+def ascii_ply(vertices: list[str], faces: list[str]) -> bytes:
+    text = PLY_HEADER.format(nv=len(vertices))
+    if faces:
+        text += f"element face {len(faces)}\nproperty list uchar int vertex_indices\n"
+    text += "end_header\n" + "\n".join(vertices + faces) + "\n"
+    return text.encode()
+
+
+@pytest.mark.parametrize(
+    "data, file_type, message",
+    [
+        (b"", "ply", "empty"),
+        (b"", None, "not a recognisable mesh"),
+        (bytes(range(256)) * 8, None, "not a recognisable mesh"),
+        (bytes(range(256)) * 8, "glb", "Could not parse"),
+        (b"\x00garbage\xff" * 40, "ply", "Could not parse"),
+        (ascii_ply(["0 0 0", "1 0 0", "0 1 0"], []), "ply", "no triangle mesh"),  # a point cloud
+        (ascii_ply(["0 0 0", "nan 0 0", "0 1 0"], ["3 0 1 2"]), "ply", "NaN"),
+        (ascii_ply(["0 0 0", "1 0 0", "0 1 0"], ["3 0 1 7"]), "ply", None),  # face index out of range
+        (ascii_ply(["0 0 0", "1e15 0 0", "0 1 0"], ["3 0 1 2"]), "ply", "magnitude"),
+        (b"v 0 0 0\nv 0 0 0\nv 0 0 0\nf 1 2 3\n", "obj", None),  # all faces degenerate
+        (b"hello, I am a text file\n", "txt", "not a supported mesh format"),
+    ],
+)
+def test_bad_meshes_raise_value_error(data, file_type, message):
+    with pytest.raises(ValueError, match=message):
+        load_mesh(data, file_type=file_type)
+
+
+def test_bad_files_are_named_in_the_error(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a mesh")
+    with pytest.raises(ValueError, match="notes.txt"):
+        load_mesh(text_file)
+    garbage = tmp_path / "broken.glb"
+    garbage.write_bytes(b"\x13\x37" * 100)
+    with pytest.raises(ValueError, match="broken.glb"):
+        load_mesh(garbage)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_mesh(tmp_path / "missing.obj")
+    empty = trimesh.Trimesh(vertices=np.zeros((0, 3)), faces=np.zeros((0, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="no vertices"):
+        load_mesh(empty)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Surface and occupancy sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REAL_MESHES)
+def test_sample_surface_lies_on_surface(name):
+    mesh, _, _ = normalize_mesh(load_mesh(real_mesh_path(name)))
+    surface = sample_surface(mesh, num_points=256, num_sharp_points=64, seed=0)
+    assert surface.shape == (320, 7) and surface.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(surface[:, 3:6], axis=1), 1.0, atol=1e-5)
+    assert (surface[:256, 6] == 0).all()
+    distance, face = closest_faces(mesh, surface[::4, :3].astype(np.float64))
+    assert distance.max() < 1e-5
+
+    # Uniform points carry the normal of the face they lie on.
+    uniform = slice(0, 64)  # rows 0, 4, ..., 252 of the strided selection above are uniform points
+    cosine = np.einsum("ij,ij->i", surface[::4][uniform, 3:6], mesh.face_normals[face[uniform]])
+    assert (cosine > 0.999).mean() > 0.95  # points within float32 rounding of an edge may pick the neighbour
+
+    again = sample_surface(mesh, num_points=256, num_sharp_points=64, seed=0)
+    np.testing.assert_array_equal(surface, again)
+    assert not np.array_equal(surface, sample_surface(mesh, num_points=256, num_sharp_points=64, seed=1))
+
+
+def test_sharp_edge_samples_on_a_cube():
+    cube = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    edges = sharp_edges(cube)
+    assert len(edges) == 12  # the face diagonals are flat and must not count
+    surface = sample_surface(cube, num_points=64, num_sharp_points=200, seed=0)
+    sharp = surface[64:]
+    assert (sharp[:, 6] == 1).all()
+    # A point on a cube edge has two coordinates at +-0.5.
+    on_boundary = (np.abs(np.abs(sharp[:, :3]) - 0.5) < 1e-6).sum(axis=1)
+    assert (on_boundary >= 2).all()
+    np.testing.assert_allclose(np.linalg.norm(sharp[:, 3:6], axis=1), 1.0, atol=1e-5)
+
+    smooth = trimesh.creation.icosphere(subdivisions=4)  # dihedral angles ~3.6 degrees: no sharp edges
+    surface = sample_surface(smooth, num_points=16, num_sharp_points=16, seed=0)
+    assert (surface[:, 6] == 0).all()
+
+
+def test_winding_number_and_occupancy():
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-1, 1, size=(2000, 3)).astype(np.float32)
+    radius = np.linalg.norm(points, axis=1)
+    clear = np.abs(radius - 0.5) > 0.02  # away from the faceted surface
+    w = winding_number(sphere, points)
+    np.testing.assert_allclose(w[clear & (radius < 0.5)], 1.0, atol=1e-3)
+    np.testing.assert_allclose(w[clear & (radius > 0.5)], 0.0, atol=1e-3)
+
+    # An inward-facing copy and a copy with holes still give the right labels.
+    inverted = sphere.copy()
+    inverted.invert()
+    truth = (radius < 0.5).astype(np.float32)
+    np.testing.assert_array_equal(occupancy(inverted, points)[clear], truth[clear])
+    holed = sphere.copy()
+    holed.update_faces(np.arange(len(holed.faces)) % 37 != 0)  # drop ~3% of the faces
+    assert not holed.is_watertight
+    far = np.abs(radius - 0.5) > 0.1
+    assert (occupancy(holed, points)[far] == truth[far]).mean() > 0.99
+
+
+@pytest.mark.parametrize("name", ["airplane.ply", "nut.ply"])
+def test_sample_sdf_points(name):
+    mesh, _, _ = normalize_mesh(load_mesh(real_mesh_path(name)))
+    points, labels = sample_sdf_points(mesh, num_near=1000, num_uniform=1000, seed=0)
+    assert points.shape == (2000, 3) and labels.shape == (2000,)
+    assert set(np.unique(labels)) <= {0.0, 1.0}
+    assert np.abs(points).max() <= 1.05 + 1e-6
+    assert 0.05 < labels[:1000].mean() < 0.95  # near-surface points straddle the surface
+    again = sample_sdf_points(mesh, num_near=1000, num_uniform=1000, seed=0)
+    np.testing.assert_array_equal(points, again[0])
+    np.testing.assert_array_equal(labels, again[1])
+
+
+def test_sample_sdf_points_matches_analytic_sphere():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.7)
+    points, labels = sample_sdf_points(sphere, num_near=500, num_uniform=1500, seed=3)
+    radius = np.linalg.norm(points, axis=1)
+    clear = np.abs(radius - 0.7) > 0.01
+    np.testing.assert_array_equal(labels[clear], (radius[clear] < 0.7).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Volume decoding and marching cubes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_dense_grid_layout_matches_hunyuan():
+    points = dense_grid_points(4, 1.01)
+    assert points.shape == (125, 3)
+    np.testing.assert_allclose(points[0], [-1.01, -1.01, -1.01], rtol=1e-6)
+    np.testing.assert_allclose(points[1], [-1.01, -1.01, -0.505], rtol=1e-6)  # ij indexing: z fastest
+    assert hierarchical_levels(384) == [96, 192, 384]
+    assert hierarchical_levels(256) == [64, 128, 256]
+    assert hierarchical_levels(100) == [100]
+
+
+def test_marching_cubes_sphere_is_watertight_outward_and_right_size():
+    radius = 0.6
+    mesh = field_to_mesh(sphere_field(radius), resolution=48, method="dense")
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.volume > 0  # outward-facing triangles
+    # Every face normal points away from the centre.
+    assert (np.einsum("ij,ij->i", mesh.face_normals, mesh.triangles_center) > 0).all()
+    np.testing.assert_allclose(np.linalg.norm(mesh.vertices, axis=1), radius, atol=2e-3)
+    assert abs(mesh.volume - 4 / 3 * math.pi * radius**3) / (4 / 3 * math.pi * radius**3) < 0.01
+
+    # Hunyuan3D's vertex mapping divides by R + 1 and so shrinks the mesh by R / (R + 1) towards -bounds.
+    quirk = marching_cubes(decode_volume_dense(sphere_field(radius), 48), hunyuan_vertex_scale=True)
+    expected = (mesh.vertices + 1.01) * 48 / 49 - 1.01
+    np.testing.assert_allclose(quirk.vertices, expected, atol=1e-6)  # skimage vertices are float32
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        sphere_field(0.6),
+        sphere_field(0.37, center=(0.2, -0.1, 0.05)),
+        # A wavy ellipsoid pierced by a thin disc (0.06 thick, radius 0.9). The coarse 8^3 grid sees none of the
+        # disc's rim; the closure follows the surface out along the disc at the finer levels.
+        lambda p: torch.maximum(
+            0.5 - ((p / torch.tensor([0.8, 0.5, 0.3])) ** 2).sum(-1).sqrt() + 0.05 * torch.sin(20 * p[:, 0]),
+            torch.minimum(0.03 - (p[:, 2] - 0.2).abs(), 0.9 - p[:, :2].norm(dim=-1)),
+        ),
+    ],
+)
+def test_hierarchical_equals_dense_on_analytic_fields(field):
+    dense = decode_volume_dense(field, 64)
+    hierarchical = decode_volume_hierarchical(field, 64, min_resolution=8)
+    assert hierarchical.num_queries < dense.num_queries / 3
+    mesh_dense, mesh_hier = marching_cubes(dense), marching_cubes(hierarchical)
+    assert len(mesh_dense.faces) > 0
+    np.testing.assert_array_equal(mesh_dense.faces, mesh_hier.faces)
+    np.testing.assert_array_equal(mesh_dense.vertices, mesh_hier.vertices)
+    # Wherever the hierarchical decoder did evaluate, its values are the dense ones, bit for bit.
+    np.testing.assert_array_equal(dense.values[hierarchical.evaluated], hierarchical.values[hierarchical.evaluated])
+
+
+def test_empty_field_gives_empty_mesh():
+    mesh = field_to_mesh(lambda p: -torch.ones(len(p)), resolution=16)
+    assert len(mesh.faces) == 0
+
+
+def test_remove_floaters_and_simplify():
+    big, small = sphere_field(0.6), sphere_field(0.08, center=(0.85, 0.85, 0.85))
+    field = lambda p: torch.maximum(big(p), small(p))  # noqa: E731
+    mesh = field_to_mesh(field, resolution=48, method="dense")
+    assert len(mesh.split(only_watertight=False)) == 2
+    cleaned = field_to_mesh(field, resolution=48, method="hierarchical", remove_floaters=0.05)
+    assert len(cleaned.split(only_watertight=False)) == 1
+    assert np.linalg.norm(cleaned.vertices, axis=1).max() < 0.61
+
+    unchanged = remove_floaters(mesh, 0.0)
+    assert len(unchanged.faces) == len(mesh.faces)
+
+    try:
+        import fast_simplification  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="fast-simplification"):
+            simplify_mesh(mesh, 500)
+    else:
+        simplified = simplify_mesh(mesh, 500)
+        assert len(simplified.faces) <= 550
+    assert simplify_mesh(mesh, 10**9) is mesh
