@@ -13,8 +13,12 @@ from .modeling_cgmllm import (
     CGMLLMPreTrainedModel,
     CGMLLMTimestepEmbedder,
 )
+from .mesh_utils import denormalize_mesh, load_mesh, normalize_mesh, sample_sdf_points, sample_surface
+from .modeling_shape_vae import DiagonalGaussianDistribution, ShapeVAE
 from .processing_cgmllm import CGMLLMProcessor
+from .rendering import render_mesh, render_multiview
 from .tokenization_cgmllm import train_bbpe_tokenizer
+from .pipelines import CGMLLMPipeline, CGMLLMPipelineOutput  # noqa: E402  (subpackage, after the model)
 
 
 __version__ = "0.1.0"
@@ -31,6 +35,17 @@ CGMLLMProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SHAPE_SPECIAL_TOKENS",
+    "CGMLLMPipeline",
+    "CGMLLMPipelineOutput",
+    "DiagonalGaussianDistribution",
+    "ShapeVAE",
+    "denormalize_mesh",
+    "load_mesh",
+    "normalize_mesh",
+    "render_mesh",
+    "render_multiview",
+    "sample_sdf_points",
+    "sample_surface",
     "CGMLLMConfig",
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",

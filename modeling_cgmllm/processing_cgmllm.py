@@ -128,6 +128,38 @@ class CGMLLMProcessor(ProcessorMixin):
             + (self.obj_end_token if with_end else "")
         )
 
+    def blockwise_shape_layout(self, num_rows: int, block_size: int) -> dict:
+        """Training layout of one object generated as `K = num_rows // block_size` sequential blocks.
+
+        The sequence is `ñ_1 c_1 ñ_2 c_2 … ñ_K`: the noisy copy of block j (a generation target) followed by its
+        clean copy (context for the blocks after it), as in BD3-LM / ACDiT. `ñ_1`/`c_1` carry `<|obj_start|>`
+        and `ñ_K` carries `<|obj_end|>`. Under the model's hybrid mask this gives exactly block-causal generation:
+        `ñ_j` sees the prompt and `c_<j` (earlier noisy copies are invisible), `c_j` sees `c_≤j`. With
+        `block_size == num_rows` it reduces to the single-block layout `<|obj_start|> rows <|obj_end|>`.
+
+        Returns a dict of lists:
+            `input_ids` (tokens of the layout), `shape_block_ids` (block id per token, 0-based within the object),
+            `latent_index` (for each `<|obj_pad|>`, which of the object's `num_rows` latents it holds) and
+            `shape_loss_mask` (for each `<|obj_pad|>`, True on the noisy copies).
+        """
+        if block_size <= 0 or num_rows % block_size != 0:
+            raise ValueError(f"`block_size` must be a positive divisor of {num_rows}, got {block_size}.")
+        start, end, pad = (self.token_id(t) for t in (self.obj_start_token, self.obj_end_token, self.obj_pad_token))
+        num_blocks = num_rows // block_size
+        layout = {"input_ids": [], "shape_block_ids": [], "latent_index": [], "shape_loss_mask": []}
+        block_id = 0
+        for j in range(num_blocks):
+            rows = list(range(j * block_size, (j + 1) * block_size))
+            copies = [True] if j == num_blocks - 1 else [True, False]  # the last clean copy would serve nobody
+            for noisy in copies:
+                tokens = ([start] if j == 0 else []) + [pad] * block_size + ([end] if j == num_blocks - 1 else [])
+                layout["input_ids"] += tokens
+                layout["shape_block_ids"] += [block_id] * len(tokens)
+                layout["latent_index"] += rows
+                layout["shape_loss_mask"] += [noisy] * block_size
+                block_id += 1
+        return layout
+
     # ------------------------------------------------------------------------------------------------------------
     def expand_placeholders(self, text: str, image_grid_thw=None, image_index: int = 0,
                             num_shape_tokens: int | None = None) -> tuple[str, int]:

@@ -425,3 +425,60 @@ def test_several_objects_per_sample_get_their_own_timestep(tiny_model):
     # Official convention: a noisy block does not advance the mRoPE id, so the text after it continues from it.
     positions = out.position_ids[0, 0].tolist()
     assert positions[1:9] == [1] * 8 and positions[9:11] == [1, 2] and positions[11:19] == [3] * 8
+
+
+# Several blocks per object (clean copy + noisy copy) ----------------------------------------------------------------
+def test_blockwise_training_layout_matches_sequential_block_inference(tiny_model):
+    from cgmllm import CGMLLMProcessor, train_bbpe_tokenizer
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = train_bbpe_tokenizer(["a tall cylinder"] * 4, vocab_size=280)
+    processor = CGMLLMProcessor(
+        image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=1, temporal_patch_size=2),
+        tokenizer=tokenizer,
+    )
+    ids = processor.special_token_ids
+    model = tiny_model
+    model.config.obj_start_token_id, model.config.obj_end_token_id = ids["obj_start_token_id"], ids["obj_end_token_id"]
+    model.config.obj_pad_token_id = ids["obj_pad_token_id"]
+    layout = processor.blockwise_shape_layout(num_rows=6, block_size=2)
+    assert len(layout["shape_loss_mask"]) == 2 * 6 - 2 and sum(layout["shape_loss_mask"]) == 6
+    single = processor.blockwise_shape_layout(num_rows=6, block_size=6)
+    assert single["input_ids"] == [ids["obj_start_token_id"]] + [ids["obj_pad_token_id"]] * 6 + [ids["obj_end_token_id"]]
+
+    prompt = [20, 21, 22]
+    x0 = torch.randn(6, 8)
+    block_t = [0.9, 0.5, 0.2]
+    rows = torch.tensor(layout["latent_index"])
+    loss_mask = torch.tensor(layout["shape_loss_mask"])
+    timesteps = torch.where(loss_mask, torch.tensor(block_t)[rows // 2], torch.zeros(len(rows)))
+    noisy_latents = x0[rows] + timesteps[:, None] * 0.3  # any x_t: noisy rows differ from the clean copies
+    input_ids = torch.tensor([prompt + layout["input_ids"]])
+    block_ids = torch.tensor([[-1] * 3 + layout["shape_block_ids"]])
+    with torch.no_grad():
+        train = model(input_ids=input_ids, shape_block_ids=block_ids, shape_latents=noisy_latents,
+                      shape_timesteps=timesteps)
+        # Inference view of block j: [prompt, c_1 .. c_{j-1}, ñ_j] in one sequence.
+        pad_index = 0
+        for j in range(3):
+            noisy_rows = [i for i in range(len(rows)) if loss_mask[i] and rows[i] // 2 == j]
+            clean_rows = [i for i in range(len(rows)) if not loss_mask[i] and rows[i] // 2 < j]
+            tokens, blocks, latents, ts = list(prompt), [-1] * 3, [], []
+            for b, group in enumerate([clean_rows[k:k + 2] for k in range(0, len(clean_rows), 2)] + [noisy_rows]):
+                is_first, is_last = rows[group[0]] == 0, rows[group[-1]] == 5
+                span = ([ids["obj_start_token_id"]] if is_first else []) + [ids["obj_pad_token_id"]] * 2 + (
+                    [ids["obj_end_token_id"]] if is_last else [])
+                tokens += span
+                blocks += [b] * len(span)
+                latents.append(noisy_latents[group])
+                ts.append(timesteps[group])
+            out = model(input_ids=torch.tensor([tokens]), shape_block_ids=torch.tensor([blocks]),
+                        shape_latents=torch.cat(latents), shape_timesteps=torch.cat(ts))
+            torch.testing.assert_close(out.velocity[-2:], train.velocity[noisy_rows], rtol=1e-5, atol=1e-6)
+
+    # And it trains: drawn timesteps on the noisy copies only.
+    model.train()
+    out = model(input_ids=input_ids, shape_block_ids=block_ids, shape_latents=x0[rows], shape_loss_mask=loss_mask)
+    assert torch.all(out.shape_timesteps[~loss_mask] == 0) and torch.all(out.shape_timesteps[loss_mask] > 0)
+    out.loss.backward()
+    assert model.llm2obj.weight.grad.abs().sum() > 0
