@@ -33,8 +33,20 @@ CGMLLMConfig.register_for_auto_class("AutoConfig")
 CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
 CGMLLMProcessor.register_for_auto_class("AutoProcessor")
 
+
+
+def __getattr__(name):
+    # The training stack (Trainer, datasets, peft) is imported only when asked for.
+    if name == "CGMLLMTrainer":
+        from .training import CGMLLMTrainer
+
+        return CGMLLMTrainer
+    raise AttributeError(f"module 'cgmllm' has no attribute {name!r}")
+
+
 __all__ = [
     "SHAPE_SPECIAL_TOKENS",
+    "CGMLLMTrainer",
     "CGMLLMPipeline",
     "CGMLLMPipelineOutput",
     "DiagonalGaussianDistribution",

@@ -821,7 +821,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         lm_loss = flow_loss = None
-        if labels is not None:
+        # A generation-only batch (every label -100) has no CE term rather than a NaN one.
+        if labels is not None and bool((labels[..., 1:] != -100).any()):
             lm_loss = self.loss_function(
                 logits=logits,
                 labels=labels,

@@ -482,3 +482,10 @@ def test_blockwise_training_layout_matches_sequential_block_inference(tiny_model
     assert torch.all(out.shape_timesteps[~loss_mask] == 0) and torch.all(out.shape_timesteps[loss_mask] > 0)
     out.loss.backward()
     assert model.llm2obj.weight.grad.abs().sum() > 0
+
+
+def test_generation_only_batch_has_no_nan_lm_loss(tiny_model):
+    input_ids = torch.tensor([[11, 12] + shape_span(6)])
+    out = tiny_model(input_ids=input_ids, labels=torch.full_like(input_ids, -100), shape_latents=torch.randn(6, 8))
+    assert out.lm_loss is None and out.flow_loss is not None
+    torch.testing.assert_close(out.loss, out.flow_loss)

@@ -1,0 +1,195 @@
+"""Training batches: the four CG-MLLM tasks built with the processor's prompt formats, condition dropout, packing.
+
+Tasks (see `cgmllm.processing_cgmllm` for the exact layouts):
+    text_to_shape   text prompt -> noisy 3D block (flow loss); dropout replaces the prompt with the empty context
+    image_to_shape  image -> noisy 3D block (flow loss); dropout replaces the image with the empty context
+    shape_caption   clean 3D block (t = 0) + question -> caption (CE on the caption and its `<|im_end|>`)
+    image_caption   question + image -> caption (CE)
+
+Randomness (task choice, dropout) is drawn from a generator seeded by `(seed, epoch, uid)`, never from the global RNG,
+so a run resumed from a checkpoint sees the same batches as an uninterrupted one (`CGMLLMTrainer` calls
+`set_epoch`).
+"""
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+TASKS = ("text_to_shape", "image_to_shape", "shape_caption", "image_caption")
+GENERATION_TASKS = ("text_to_shape", "image_to_shape")
+
+
+@dataclass
+class CGMLLMDataCollator:
+    """Turns examples (`uid`, `caption`, latents, optional `image`) into `CGMLLMForConditionalGeneration` kwargs.
+
+    Args:
+        processor: a [`CGMLLMProcessor`].
+        num_shape_tokens: latent rows per 3D block in this stage. Latents come from the column `latents_{N}` or
+            `latents` (which must then have N rows), or are encoded on the fly from `mesh`/`points` with `vae`.
+        task_weights: relative frequency of each task; tasks an example cannot do (no image) are left out for it.
+        condition_dropout: probability of dropping the condition of a generation task (needed for CFG).
+        max_tokens: token budget of a packed row; None puts one sample per (right-padded) row, unpacked.
+        seed: base seed of the per-sample randomness.
+        vae: optional frozen ShapeVAE for on-the-fly encoding.
+    """
+
+    processor: object
+    num_shape_tokens: int
+    task_weights: dict = field(default_factory=lambda: {"text_to_shape": 1.0, "shape_caption": 1.0})
+    condition_dropout: float = 0.1
+    max_tokens: int | None = None
+    seed: int = 0
+    vae: object = None
+    num_surface_points: int | None = None
+    epoch: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.task_weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"Unknown tasks {sorted(unknown)}; expected some of {TASKS}.")
+        if not any(w > 0 for w in self.task_weights.values()):
+            raise ValueError(f"At least one task needs a positive weight, got {self.task_weights}.")
+        if not 0.0 <= self.condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}.")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _rng(self, example) -> random.Random:
+        key = f"{self.seed}/{self.epoch}/{example.get('uid', example.get('caption'))}"
+        return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+    def _latents(self, example) -> torch.Tensor:
+        n = self.num_shape_tokens
+        for column in (f"latents_{n}", "latents"):
+            if example.get(column) is not None:
+                latents = torch.as_tensor(np.asarray(example[column], dtype=np.float32))
+                if latents.ndim != 2 or latents.shape[0] != n:
+                    raise ValueError(
+                        f"Sample {example.get('uid')!r}: column {column!r} holds latents of shape "
+                        f"{tuple(latents.shape)}, but this stage uses {n} shape tokens. Encode the data at N={n}."
+                    )
+                return latents
+        if self.vae is not None and (example.get("mesh") is not None or example.get("points") is not None):
+            from .data import example_surface
+            from .preprocess import encode_latents
+
+            config = self.vae.config
+            points = self.num_surface_points or config.pc_size
+            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)
+            return encode_latents(self.vae, surface[None], n, seed=self.seed)[0]
+        raise ValueError(
+            f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "
+            "its shape on the fly."
+        )
+
+    def _choose_task(self, example, rng) -> str:
+        has_image = example.get("image") is not None
+        tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or not t.startswith("image"))]
+        if not tasks:
+            raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}.")
+        return rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
+
+    def build_sample(self, example) -> dict:
+        """One example -> `input_ids`, `labels` (lists), `latents`, `loss_mask`, `pixel_values`, `image_grid_thw`."""
+        processor = self.processor
+        rng = self._rng(example)
+        task = self._choose_task(example, rng)
+        caption = example.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"Sample {example.get('uid')!r} has an empty caption.")
+        drop = task in GENERATION_TASKS and rng.random() < self.condition_dropout
+        images, target = None, None
+        if task == "text_to_shape":
+            prompt = processor.text_to_shape_prompt("" if drop else caption) + "<shape>"
+        elif task == "image_to_shape":
+            prompt = ("" if drop else processor.image_to_shape_prompt()) + "<shape>"
+            images = None if drop else [example["image"]]
+        elif task == "shape_caption":
+            prompt, target = processor.shape_caption_prompt(), processor.caption_target(caption)
+        else:
+            prompt, target = processor.image_caption_prompt(), processor.caption_target(caption)
+            images = [example["image"]]
+        encoded = processor(text=prompt, images=images, num_shape_tokens=self.num_shape_tokens, padding=False)
+        input_ids = encoded["input_ids"][0].tolist()
+        labels = [-100] * len(input_ids)
+        if target is not None:
+            target_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
+            input_ids, labels = input_ids + target_ids, labels + target_ids
+        has_shape = "<shape>" in prompt
+        return {
+            "uid": example.get("uid"),
+            "input_ids": input_ids,
+            "labels": labels,
+            "latents": self._latents(example) if has_shape else None,
+            "loss_mask": task in GENERATION_TASKS,
+            "pixel_values": encoded.get("pixel_values"),
+            "image_grid_thw": encoded.get("image_grid_thw"),
+            "task": task,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _pack(self, samples: list[dict]) -> list[list[dict]]:
+        if self.max_tokens is None:
+            return [[s] for s in samples]
+        rows, lengths = [], []
+        for sample in samples:
+            length = len(sample["input_ids"])
+            if length > self.max_tokens:
+                raise ValueError(
+                    f"Sample {sample['uid']!r} ({sample['task']}) has {length} tokens, more than the packing budget "
+                    f"max_tokens={self.max_tokens}."
+                )
+            if rows and lengths[-1] + length <= self.max_tokens:  # next fit: sample order = row-major order
+                rows[-1].append(sample)
+                lengths[-1] += length
+            else:
+                rows.append([sample])
+                lengths.append(length)
+        return rows
+
+    def __call__(self, examples: list[dict]) -> dict:
+        samples = [self.build_sample(example) for example in examples]
+        rows = self._pack(samples)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        sample_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        latents, loss_mask, pixel_values, grids = [], [], [], []
+        for r, row in enumerate(rows):
+            position = 0
+            for k, sample in enumerate(row):
+                length = len(sample["input_ids"])
+                input_ids[r, position:position + length] = torch.tensor(sample["input_ids"])
+                labels[r, position:position + length] = torch.tensor(sample["labels"])
+                attention_mask[r, position:position + length] = 1
+                sample_ids[r, position:] = k  # padding joins the last sample (masked out by attention_mask)
+                position += length
+                # Row-major order of `<|obj_pad|>` and image tokens = row, then sample order within the row.
+                if sample["latents"] is not None:
+                    latents.append(sample["latents"])
+                    loss_mask.append(torch.full((sample["latents"].shape[0],), sample["loss_mask"]))
+                if sample["pixel_values"] is not None:
+                    pixel_values.append(sample["pixel_values"])
+                    grids.append(sample["image_grid_thw"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.max_tokens is not None:
+            batch["packed_sample_ids"] = sample_ids
+        if latents:
+            batch["shape_latents"] = torch.cat(latents)
+            batch["shape_loss_mask"] = torch.cat(loss_mask)
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+            batch["image_grid_thw"] = torch.cat(grids)
+        return batch
+
+
+__all__ = ["CGMLLMDataCollator", "GENERATION_TASKS", "TASKS"]

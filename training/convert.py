@@ -1,0 +1,210 @@
+"""Checkpoint builders and the converter for the official release.
+
+    cgmllm-build --qwen3-vl QWEN_DIR --shape-vae VAE --out DIR
+        a fresh CG-MLLM from Qwen3-VL (BlockAR copied from TokenAR, new connector, zero velocity head), its processor
+        and the Hunyuan3D-2.1 ShapeVAE, written as a pipeline folder.
+
+    cgmllm-convert-official --ema ema.safetensors --qwen3-vl QWEN_DIR --shape-vae VAE --out DIR
+        the released `JreamH/CGMLLM` weights renamed into this package's layout (official_cgmllm.md §1.5):
+
+            language_model.model.X     -> model.language_model.X      (TokenAR, BlockAR `*_block_ar`, norms)
+            language_model.lm_head.weight -> lm_head.weight           (tied; taken from embed_tokens if absent)
+            vit_model.X                -> model.visual.X
+            time_embedder.X / obj2llm.X -> model.time_embedder.X / model.obj2llm.X
+            llm2obj.X                  -> llm2obj.X
+            obj_und_connector.*        dropped on purpose: it maps PointBERT features (a separate encoder this
+                                       package does not use); our mesh -> text path feeds clean VAE latents through
+                                       `obj2llm`. Reported in `conversion_summary.json`.
+
+        Vocabulary: the official matrix has R rows (151671: Qwen's 151669 tokens + `<|obj_start|>`, `<|obj_end|>`).
+        Rows 0..R-3 go to the same ids, rows R-2 / R-1 to our `<|obj_start|>` / `<|obj_end|>` ids; our extra
+        `<|obj_pad|>` token (whose input embedding is always replaced by a latent) gets the mean row. Every official
+        key must be used and every model weight filled, or the conversion fails naming the leftovers.
+
+Both write `DIR/` with `CGMLLMPipeline.save_pretrained` when the pipeline class is available, else the subfolders
+`model/`, `processor/`, `vae/`.
+"""
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+RENAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vit_model.", "model.visual."),
+    ("time_embedder.", "model.time_embedder."),
+    ("obj2llm.", "model.obj2llm."),
+    ("llm2obj.", "llm2obj."),
+)
+DROPPED_PREFIXES = {
+    "obj_und_connector.": "PointBERT 3D-understanding connector; this package captions meshes from clean VAE latents",
+}
+EMBED_KEY = "model.language_model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
+
+
+def rename_official_key(key: str) -> str | None:
+    for old, new in RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def convert_official_state_dict(official: dict, model, obj_start_id: int, obj_end_id: int, obj_pad_id: int):
+    """Map an official state dict onto `model` (a `CGMLLMForConditionalGeneration` of matching sizes).
+
+    Returns `(state_dict, summary)`; raises `ValueError` naming unmapped official keys, model weights left
+    unfilled, or shape mismatches.
+    """
+    target = model.state_dict()
+    converted, dropped, unknown = {}, {}, []
+    for key, value in official.items():
+        reason = next((why for prefix, why in DROPPED_PREFIXES.items() if key.startswith(prefix)), None)
+        if reason is not None:
+            dropped[key] = reason
+            continue
+        new = rename_official_key(key)
+        if new is None or new not in target:
+            unknown.append(key if new is None else f"{key} (-> {new})")
+            continue
+        converted[new] = value
+    if unknown:
+        raise ValueError(f"Official keys with no place in CG-MLLM ({len(unknown)}): {sorted(unknown)[:20]}")
+
+    if LM_HEAD_KEY not in converted and EMBED_KEY in converted:
+        converted[LM_HEAD_KEY] = converted[EMBED_KEY]
+    vocab_info = {}
+    for key in (EMBED_KEY, LM_HEAD_KEY):
+        if key not in converted:
+            continue
+        rows = converted[key]
+        ours = target[key]
+        num_rows = rows.shape[0]
+        if rows.shape[1] != ours.shape[1]:
+            raise ValueError(f"{key}: official hidden size {rows.shape[1]} != model hidden size {ours.shape[1]}.")
+        if num_rows - 2 > ours.shape[0] or max(obj_start_id, obj_end_id, obj_pad_id) >= ours.shape[0]:
+            raise ValueError(
+                f"{key}: the model has {ours.shape[0]} rows, too few for the {num_rows} official rows / 3D token ids."
+            )
+        new_rows = ours.clone().to(rows.dtype)
+        new_rows[: num_rows - 2] = rows[: num_rows - 2]
+        new_rows[obj_start_id] = rows[num_rows - 2]
+        new_rows[obj_end_id] = rows[num_rows - 1]
+        new_rows[obj_pad_id] = rows.float().mean(0).to(rows.dtype)
+        converted[key] = new_rows
+        vocab_info = {"official_rows": int(num_rows), "model_rows": int(ours.shape[0]),
+                      "obj_start": [int(num_rows - 2), obj_start_id], "obj_end": [int(num_rows - 1), obj_end_id],
+                      "obj_pad_init": "mean of the official rows"}
+
+    missing = sorted(set(target) - set(converted))
+    if missing:
+        raise ValueError(f"Model weights not found in the official checkpoint ({len(missing)}): {missing[:20]}")
+    mismatched = [f"{k}: official {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                  for k, v in converted.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if mismatched:
+        raise ValueError(f"Shape mismatches: {mismatched[:20]}")
+    summary = {"num_official_keys": len(official), "num_converted": len(converted), "dropped": dropped,
+               "vocab": vocab_info, "dtypes": sorted({str(v.dtype) for v in official.values()})}
+    return converted, summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def save_pipeline_folder(out, model, processor, vae) -> str:
+    """Write the pipeline folder (CGMLLMPipeline layout when available, else model/processor/vae subfolders)."""
+    os.makedirs(out, exist_ok=True)
+    try:
+        from cgmllm.pipelines import CGMLLMPipeline
+    except ImportError:
+        try:
+            from cgmllm.pipelines.pipeline_cgmllm import CGMLLMPipeline
+        except ImportError:
+            CGMLLMPipeline = None
+    if CGMLLMPipeline is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = CGMLLMPipeline(model=model, vae=vae, scheduler=scheduler, processor=processor)
+        pipe.save_pretrained(out)
+        return "pipeline"
+    model.save_pretrained(os.path.join(out, "model"))
+    processor.save_pretrained(os.path.join(out, "processor"))
+    vae.save_pretrained(os.path.join(out, "vae"))
+    return "subfolders"
+
+
+def _dtype(name):
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def build(qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None):
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
+    layout = save_pipeline_folder(out, model, processor, vae)
+    return model, processor, vae, layout
+
+
+def convert_official(ema, qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None):
+    from safetensors.torch import load_file
+
+    official = load_file(os.fspath(ema))
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
+    ids = processor.special_token_ids
+    state, summary = convert_official_state_dict(official, model, ids["obj_start_token_id"],
+                                                 ids["obj_end_token_id"], ids["obj_pad_token_id"])
+    model.load_state_dict(state, strict=True)
+    summary["layout"] = save_pipeline_folder(out, model, processor, vae)
+    with open(os.path.join(out, "conversion_summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    logger.info("Converted %d keys; dropped %d (%s).", summary["num_converted"], len(summary["dropped"]),
+                ", ".join(sorted({k.split(".")[0] for k in summary["dropped"]})) or "none")
+    return model, summary
+
+
+def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype):
+    from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
+    from cgmllm.modeling_shape_vae import ShapeVAE
+
+    processor = CGMLLMProcessor.from_qwen3_vl(qwen3_vl, num_shape_tokens=num_shape_tokens)
+    vae = ShapeVAE.from_hunyuan3d(shape_vae, torch_dtype=torch_dtype)
+    model = CGMLLMForConditionalGeneration.from_qwen3_vl(
+        qwen3_vl, torch_dtype=torch_dtype, num_shape_tokens=num_shape_tokens,
+        shape_latent_channels=vae.config.embed_dim,
+    )
+    return model, processor, vae
+
+
+def _common_args(parser):
+    parser.add_argument("--qwen3-vl", required=True, help="local Qwen3-VL folder (weights, tokenizer, processor)")
+    parser.add_argument("--shape-vae", required=True, help="Hunyuan3D-2.1 VAE checkpoint or folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--num-shape-tokens", type=int, default=4096)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def build_main(argv=None):
+    parser = argparse.ArgumentParser(prog="cgmllm-build", description="Build a CG-MLLM pipeline folder from Qwen3-VL.")
+    _common_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    return build(args.qwen3_vl, args.shape_vae, args.out, args.num_shape_tokens, _dtype(args.dtype))
+
+
+def convert_main(argv=None):
+    parser = argparse.ArgumentParser(prog="cgmllm-convert-official",
+                                     description="Convert the official CG-MLLM ema.safetensors.")
+    parser.add_argument("--ema", required=True, help="official ema.safetensors")
+    _common_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    return convert_official(args.ema, args.qwen3_vl, args.shape_vae, args.out, args.num_shape_tokens,
+                            _dtype(args.dtype))
+
+
+__all__ = ["RENAMES", "build", "build_main", "convert_main", "convert_official", "convert_official_state_dict",
+           "rename_official_key", "save_pipeline_folder"]

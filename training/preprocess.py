@@ -1,0 +1,104 @@
+"""Encode a 3D caption set once with the frozen ShapeVAE into a cached `datasets` folder.
+
+The cache has the columns `uid`, `caption` and one latent column per resolution: `latents` `(N, C)` float32 when a
+single `num_latents` is asked for, else `latents_{N}` for each N (the stages of progressive training).
+
+    cgmllm-preprocess --data DATA --shape-vae VAE --num-latents 512 1024 --out CACHE
+"""
+
+import argparse
+import logging
+import os
+
+import torch
+from datasets import Array2D, Dataset, Features, Value, load_from_disk
+
+from .data import LAYOUTS, example_surface, load_caption_dataset
+
+
+logger = logging.getLogger(__name__)
+
+
+def load_shape_vae(path, torch_dtype=None):
+    """A ShapeVAE from a diffusers folder (`config.json`) or an official Hunyuan3D checkpoint / folder."""
+    from cgmllm.modeling_shape_vae import ShapeVAE
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        vae = ShapeVAE.from_pretrained(path)
+    else:
+        vae = ShapeVAE.from_hunyuan3d(path)
+    return vae.to(torch_dtype or torch.float32).eval().requires_grad_(False)
+
+
+def latent_column(num_latents: int, all_sizes) -> str:
+    return "latents" if len(all_sizes) == 1 else f"latents_{num_latents}"
+
+
+@torch.no_grad()
+def encode_latents(vae, surfaces: torch.Tensor, num_latents: int, seed: int = 0) -> torch.Tensor:
+    """`(B, P, 7)` surfaces -> `(B, N, C)` latents (posterior sample with a seeded generator)."""
+    generator = torch.Generator(device=vae.device).manual_seed(seed)
+    posterior = vae.encode(surfaces, num_latents=num_latents, generator=generator)
+    return posterior.sample(generator).float().cpu()
+
+
+def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | None = None,
+                   num_sharp_points: int | None = None, seed: int = 0, batch_size: int = 8) -> Dataset:
+    """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption`, latent column(s).
+
+    Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
+    uses seed `seed + i`, so the cache is reproducible.
+    """
+    sizes = [num_latents] if isinstance(num_latents, int) else list(num_latents)
+    num_points = vae.config.pc_size if num_points is None else num_points
+    num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points
+    channels = vae.config.embed_dim
+    features = Features({"uid": Value("string"), "caption": Value("string"),
+                         **{latent_column(n, sizes): Array2D((n, channels), "float32") for n in sizes}})
+
+    def encode(batch, indices):
+        examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        surfaces = torch.stack([
+            example_surface(example, num_points, num_sharp_points, seed=seed + index)
+            for example, index in zip(examples, indices)
+        ])
+        out = {"uid": batch["uid"], "caption": batch["caption"]}
+        for n in sizes:
+            out[latent_column(n, sizes)] = encode_latents(vae, surfaces, n, seed=seed + indices[0]).numpy()
+        return out
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, with_indices=True,
+                       remove_columns=dataset.column_names, features=features, desc="Encoding shapes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgmllm-preprocess", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="data folder / parquet / Cap3D folder")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS)
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--shape-vae", required=True, help="ShapeVAE folder or Hunyuan3D checkpoint")
+    parser.add_argument("--num-latents", type=int, nargs="+", default=[512])
+    parser.add_argument("--num-points", type=int, default=None, help="uniform surface points (default: VAE pc_size)")
+    parser.add_argument("--num-sharp-points", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-bad-samples", action="store_true")
+    parser.add_argument("--out", required=True, help="output folder (datasets.save_to_disk)")
+    return parser
+
+
+def main(argv=None) -> Dataset:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    dataset = load_caption_dataset(args.data, layout=args.layout, caption_column=args.caption_column,
+                                   skip_bad_samples=args.skip_bad_samples)
+    vae = load_shape_vae(args.shape_vae)
+    cached = encode_dataset(dataset, vae, args.num_latents, args.num_points, args.num_sharp_points, args.seed,
+                            args.batch_size)
+    cached.save_to_disk(args.out)
+    logger.info("Wrote %d encoded samples to %s", len(cached), args.out)
+    return load_from_disk(args.out)
+
+
+__all__ = ["build_parser", "encode_dataset", "encode_latents", "load_shape_vae", "main"]
