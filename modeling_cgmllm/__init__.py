@@ -14,10 +14,11 @@ from .modeling_cgmllm import (
     CGMLLMTimestepEmbedder,
 )
 from .mesh_utils import denormalize_mesh, load_mesh, normalize_mesh, sample_sdf_points, sample_surface
-from .modeling_shape_vae import DiagonalGaussianDistribution, ShapeVAE
+from .modeling_shape_vae import DiagonalGaussianDistribution, ShapeVAE, ShapeVAELossOutput
 from .processing_cgmllm import CGMLLMProcessor
 from .rendering import render_mesh, render_multiview
 from .tokenization_cgmllm import train_bbpe_tokenizer
+from .volume_decoding import field_to_mesh
 from .pipelines import CGMLLMPipeline, CGMLLMPipelineOutput  # noqa: E402  (subpackage, after the model)
 
 
@@ -51,6 +52,8 @@ __all__ = [
     "CGMLLMPipelineOutput",
     "DiagonalGaussianDistribution",
     "ShapeVAE",
+    "ShapeVAELossOutput",
+    "field_to_mesh",
     "denormalize_mesh",
     "load_mesh",
     "normalize_mesh",

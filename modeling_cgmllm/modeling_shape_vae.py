@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -375,7 +375,7 @@ class DiagonalGaussianDistribution:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def kl(self, other: "DiagonalGaussianDistribution | None" = None) -> torch.Tensor:
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """Per-sample KL divergence to `other` (default: the standard normal), **averaged** over the latent rows and
         channels -> `(B,)`. Averaging keeps `kl_weight` comparable across `num_latents`."""
         dims = tuple(range(1, self.mean.ndim))
@@ -613,6 +613,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         remove_floaters: bool | float = False,
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
+        band: float | None = 0.95,
     ) -> list[trimesh.Trimesh]:
         """Like `latents_to_mesh`, for features `(B, N, width)` that already went through `decode`."""
         meshes = []
@@ -627,9 +628,10 @@ class ShapeVAE(ModelMixin, ConfigMixin):
                 remove_floaters=remove_floaters,
                 max_faces=max_faces,
                 hunyuan_vertex_scale=hunyuan_vertex_scale,
+                band=band,
             )
             if len(mesh.faces) == 0:
-                logger.warning(f"The field of object {index} never crosses mc_level={mc_level}; returning an empty mesh.")
+                logger.warning(f"The field of object {index} never crosses mc_level={mc_level}; empty mesh returned.")
             meshes.append(mesh)
         return meshes
 
@@ -645,6 +647,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         remove_floaters: bool | float = False,
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
+        band: float | None = 0.95,
     ) -> list[trimesh.Trimesh]:
         """Latents `(B, N, embed_dim)` (unscaled: divide diffusion latents by `config.scale_factor` first) -> one
         `trimesh.Trimesh` per object, outward-facing, in the VAE cube.
@@ -658,6 +661,9 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             remove_floaters: drop components below 0.5% of the faces (True) or below the given ratio (float).
             max_faces: decimate to this face budget (needs `pip install fast-simplification`).
             hunyuan_vertex_scale: reproduce the official `/(R + 1)` vertex mapping quirk for bit-parity.
+            band: hierarchical only: also refine coarse cells whose logit is within `band` of `mc_level` (FlashVDM's
+                `|logit| < 0.95`), so that small parts no coarse grid point falls inside are not lost; `None` refines
+                sign changes only (fewest queries).
         """
         return self.features_to_mesh(
             self.decode(latents),
@@ -669,6 +675,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             remove_floaters=remove_floaters,
             max_faces=max_faces,
             hunyuan_vertex_scale=hunyuan_vertex_scale,
+            band=band,
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -724,9 +731,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         else:
             recon_loss = F.mse_loss(logits.float(), query_labels.float())
         kl_loss = posterior.kl().float().mean()
-        return ShapeVAELossOutput(
-            loss=recon_loss + kl_weight * kl_loss, recon_loss=recon_loss, kl_loss=kl_loss, logits=logits, latents=latents
-        )
+        loss = recon_loss + kl_weight * kl_loss
+        return ShapeVAELossOutput(loss=loss, recon_loss=recon_loss, kl_loss=kl_loss, logits=logits, latents=latents)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading official Hunyuan3D checkpoints
@@ -818,16 +824,18 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         )
         if missing or unexpected or mismatched:
             lines = [f"Cannot load {source} into ShapeVAE strictly:"]
-            for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+            for title, items in problems:
                 if items:
-                    lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                    more = " ..." if len(items) > 20 else ""
+                    lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + more)
             raise ValueError("\n".join(lines))
         self.load_state_dict(state_dict, strict=True, assign=assign)
 
     @classmethod
     def from_hunyuan3d(
         cls, path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **config_overrides
-    ) -> "ShapeVAE":
+    ) -> ShapeVAE:
         """Builds a ShapeVAE from an official Hunyuan3D VAE checkpoint and loads it strictly.
 
         Args:

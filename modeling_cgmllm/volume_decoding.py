@@ -20,13 +20,18 @@ until nothing changes. Two cells that share a sign-changing edge are both active
 are known, so the closure walks along every marching-cubes surface component it touches and evaluates all of it.
 The final grid therefore has exact values in every active cell and correctly sided sentinels elsewhere, and
 marching cubes returns the identical mesh. The only thing it can miss is a whole component that is invisible at
-the coarse level (e.g. a bubble smaller than a coarse cell); the dense decoder is the reference for such cases.
+the coarse level (e.g. a blob smaller than a coarse cell); `band` (refine wherever the coarse field is close to the
+level, FlashVDM's `|logit| < 0.95` test) covers most of those, and the dense decoder is the reference.
+
+"Identical" needs the field to give the same value for the same point in both decoders. Neural fields evaluated
+in batches of different sizes differ in the last bit (BLAS kernels depend on the row count), so every field call
+gets exactly `num_chunks` points (see `_evaluate_points`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,8 +40,8 @@ import trimesh
 from .mesh_utils import remove_floaters, simplify_mesh
 
 
-FieldFn = Callable[[torch.Tensor], Union[torch.Tensor, np.ndarray]]
-Bounds = Union[float, Sequence[float]]
+FieldFn = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
+Bounds = float | Sequence[float]
 
 # Distance of the sentinel from the iso-level for grid points that were never evaluated. Its magnitude never reaches
 # the mesh (such points are never corners of an active cell); only its sign matters.
@@ -51,7 +56,7 @@ class VolumeGrid:
         values: float32 `(R + 1, R + 1, R + 1)`. For hierarchical decoding, points that were not evaluated hold
             `level +- 1e4` on the side inferred from the coarser level (see module docstring).
         bounds_min, bounds_max: float64 `(3,)` corners of the box the grid spans.
-        num_queries: how many points were passed to the field.
+        num_queries: how many grid points were evaluated (not counting the padding of the last chunk of each call).
         evaluated: bool `(R + 1,)*3` mask of evaluated points, or `None` when all were (dense decoding).
     """
 
@@ -100,10 +105,20 @@ def dense_grid_points(resolution: int, bounds: Bounds) -> np.ndarray:
 def _evaluate_points(
     field_fn: FieldFn, axes: Sequence[np.ndarray], flat_index: np.ndarray, shape: tuple[int, int, int], num_chunks: int
 ) -> np.ndarray:
-    """Evaluates the field at grid points given by flat indices into `shape`; returns float32 values `(M,)`."""
+    """Evaluates the field at grid points given by flat indices into `shape`; returns float32 values `(M,)`.
+
+    Every call gets exactly `num_chunks` points (the last chunk is padded by repeating its last point). Neural fields
+    are not bit-reproducible across batch sizes (BLAS picks kernels by the row count), but with a fixed batch size a
+    point's value does not depend on its neighbours in the batch, so dense and hierarchical decoding see identical
+    values and produce identical meshes. The padding costs at most one chunk per call.
+    """
     out = np.empty(len(flat_index), dtype=np.float32)
     for start in range(0, len(flat_index), num_chunks):
         i, j, k = np.unravel_index(flat_index[start : start + num_chunks], shape)
+        count = len(i)
+        if count < num_chunks:
+            pad = num_chunks - count
+            i, j, k = (np.concatenate([a, np.repeat(a[-1:], pad)]) for a in (i, j, k))
         xyz = torch.from_numpy(np.stack([axes[0][i], axes[1][j], axes[2][k]], axis=-1))
         values = field_fn(xyz)
         if isinstance(values, torch.Tensor):
@@ -111,7 +126,7 @@ def _evaluate_points(
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         if len(values) != len(xyz):
             raise ValueError(f"field_fn returned {len(values)} values for {len(xyz)} query points.")
-        out[start : start + len(values)] = values
+        out[start : start + count] = values[:count]
     return out
 
 
@@ -132,16 +147,31 @@ def decode_volume_dense(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _active_cells_dense(inside: np.ndarray) -> np.ndarray:
-    """`inside (n, n, n)` bool -> `(n-1,)*3` bool: cells whose 8 corners are not all on one side."""
-    any_in, all_in = inside, inside
+def _reduce_corners(mask: np.ndarray, op) -> np.ndarray:
+    """`mask (n, n, n)` bool -> `(n-1,)*3`: `op` (np.logical_or / np.logical_and) over each cell's 8 corners."""
     for axis in range(3):
         lo = [slice(None)] * 3
         hi = [slice(None)] * 3
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        any_in = any_in[tuple(lo)] | any_in[tuple(hi)]
-        all_in = all_in[tuple(lo)] & all_in[tuple(hi)]
-    return any_in & ~all_in
+        mask = op(mask[tuple(lo)], mask[tuple(hi)])
+    return mask
+
+
+def _active_cells_dense(inside: np.ndarray) -> np.ndarray:
+    """`inside (n, n, n)` bool -> `(n-1,)*3` bool: cells whose 8 corners are not all on one side."""
+    return _reduce_corners(inside, np.logical_or) & ~_reduce_corners(inside, np.logical_and)
+
+
+def _sorted_unique(indices: np.ndarray) -> np.ndarray:
+    """`np.unique` for int arrays via `np.sort`: numpy 2.x's hash-based `np.unique` is ~100x slower here (9.4 s vs
+    0.1 s for 12M indices)."""
+    if len(indices) == 0:
+        return indices
+    ordered = np.sort(indices)
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def _corner_offsets(n: int) -> np.ndarray:
@@ -159,7 +189,7 @@ def _cells_touching(points: np.ndarray, n: int) -> np.ndarray:
                 ci, cj, ck = i - di, j - dj, k - dk
                 ok = (ci >= 0) & (cj >= 0) & (ck >= 0) & (ci < n - 1) & (cj < n - 1) & (ck < n - 1)
                 cells.append((ci[ok] * n + cj[ok]) * n + ck[ok])
-    return np.unique(np.concatenate(cells))
+    return _sorted_unique(np.concatenate(cells))
 
 
 def hierarchical_levels(resolution: int, min_resolution: int = 64) -> list[int]:
@@ -181,12 +211,17 @@ def decode_volume_hierarchical(
     level: float = 0.0,
     num_chunks: int = 8000,
     min_resolution: int = 64,
+    band: float | None = None,
 ) -> VolumeGrid:
     """Coarse-to-fine evaluation that only queries near-surface cells and reproduces the dense mesh exactly.
 
     See the module docstring for the algorithm and its guarantee. `level` must be the iso-level later given to
     marching cubes (it decides which cells are active). Query points are a subset of the dense grid's points, with
     bit-identical coordinates (all levels index the finest grid's axes).
+
+    `band` (field units) also refines coarse cells with a corner value within `band` of `level`, as FlashVDM's
+    `|logit| < 0.95` test does. It catches small isolated parts that no coarse grid point sees inside (a blob
+    whose coarse values peak just below the level), at the cost of more queries. `None` refines sign changes only.
     """
     levels = hierarchical_levels(resolution, min_resolution)
     axes = grid_axes(resolution, bounds)
@@ -208,25 +243,31 @@ def decode_volume_hierarchical(
         stride = resolution // res
         level_axes = [a[::stride] for a in axes]
         coarse_active = _active_cells_dense(values > level)
+        if band:
+            coarse_active |= _reduce_corners(np.abs(values - level) < band, np.logical_or)
         n = res + 1
 
-        # Upsample: point j of the fine grid inherits coarse point j // 2 (even points are the same points; odd
-        # points lie in a coarse cell, whose corners all share one side unless the cell is active).
-        values = values.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:n, :n, :n]
-        evaluated_fine = np.zeros((n, n, n), dtype=bool)
-        evaluated_fine[::2, ::2, ::2] = evaluated
-        evaluated = evaluated_fine
-        values = np.where(evaluated, values, np.where(values > level, sentinel_in, sentinel_out)).astype(np.float32)
+        # Upsample: point j of the fine grid inherits the side of coarse point j // 2 (even points are the same
+        # points; odd points lie in a coarse cell, whose corners all share one side unless the cell is active).
+        # Known values are carried over exactly; everything else becomes a sentinel on the inherited side.
+        inside = (values > level).repeat(2, 0).repeat(2, 1).repeat(2, 2)[:n, :n, :n]
+        fine_values = np.where(inside, sentinel_in, sentinel_out)  # (n, n, n) float32, C-contiguous
+        fine_values[::2, ::2, ::2][evaluated] = values[evaluated]
+        fine_evaluated = np.zeros((n, n, n), dtype=bool)
+        fine_evaluated[::2, ::2, ::2] = evaluated
+        values, evaluated = fine_values, fine_evaluated
 
         # Seed: the 8 fine children of every active coarse cell.
         ci, cj, ck = np.nonzero(coarse_active)
-        seeds = [((2 * ci + di) * n + (2 * cj + dj)) * n + (2 * ck + dk) for di in (0, 1) for dj in (0, 1) for dk in (0, 1)]
-        cells = np.unique(np.concatenate(seeds)) if len(ci) else np.zeros(0, dtype=np.int64)
+        seeds = [
+            ((2 * ci + di) * n + (2 * cj + dj)) * n + (2 * ck + dk) for di in (0, 1) for dj in (0, 1) for dk in (0, 1)
+        ]
+        cells = _sorted_unique(np.concatenate(seeds)) if len(ci) else np.zeros(0, dtype=np.int64)
 
         offsets = _corner_offsets(n)
         flat_values, flat_evaluated = values.reshape(-1), evaluated.reshape(-1)
         while len(cells):
-            corners = np.unique((cells[:, None] + offsets[None, :]).reshape(-1))
+            corners = _sorted_unique((cells[:, None] + offsets[None, :]).reshape(-1))
             todo = corners[~flat_evaluated[corners]]
             if len(todo) == 0:
                 break
@@ -249,12 +290,13 @@ def decode_volume(
     num_chunks: int = 8000,
     method: str = "hierarchical",
     min_resolution: int = 64,
+    band: float | None = None,
 ) -> VolumeGrid:
     """Dispatches to `decode_volume_dense` or `decode_volume_hierarchical` (`method="dense"|"hierarchical"`)."""
     if method == "dense":
         return decode_volume_dense(field_fn, resolution, bounds, num_chunks)
     if method == "hierarchical":
-        return decode_volume_hierarchical(field_fn, resolution, bounds, level, num_chunks, min_resolution)
+        return decode_volume_hierarchical(field_fn, resolution, bounds, level, num_chunks, min_resolution, band)
     raise ValueError(f"Unknown volume decoding method {method!r}; expected 'dense' or 'hierarchical'.")
 
 
@@ -313,12 +355,14 @@ def field_to_mesh(
     max_faces: int | None = None,
     hunyuan_vertex_scale: bool = False,
     min_resolution: int = 64,
+    band: float | None = None,
 ) -> trimesh.Trimesh:
     """Field -> grid -> marching cubes -> optional post-processing, for any positive-inside callable.
 
-    `remove_floaters=True` uses Hunyuan3D's 0.5% face ratio; a float sets the ratio.
+    `remove_floaters=True` uses Hunyuan3D's 0.5% face ratio; a float sets the ratio. `min_resolution` and `band`
+    tune the hierarchical decoder (see `decode_volume_hierarchical`).
     """
-    grid = decode_volume(field_fn, resolution, bounds, level, num_chunks, method, min_resolution)
+    grid = decode_volume(field_fn, resolution, bounds, level, num_chunks, method, min_resolution, band)
     mesh = marching_cubes(grid, level, hunyuan_vertex_scale)
     ratio = (0.005 if remove_floaters is True else float(remove_floaters)) if remove_floaters else None
     return postprocess_mesh(mesh, ratio, max_faces)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -90,7 +89,8 @@ def test_load_from_bytes_with_sniffing_and_passthrough():
 
 def test_glb_scene_is_merged_with_transforms():
     scene = trimesh.Scene()
-    scene.add_geometry(trimesh.creation.box(extents=(1, 1, 1)), transform=trimesh.transformations.translation_matrix((3, 0, 0)))
+    shifted = trimesh.transformations.translation_matrix((3, 0, 0))
+    scene.add_geometry(trimesh.creation.box(extents=(1, 1, 1)), transform=shifted)
     scene.add_geometry(trimesh.creation.icosphere(subdivisions=1, radius=0.5))
     for source in (scene.export(file_type="glb"), scene):
         mesh = load_mesh(source, file_type="glb")
@@ -287,6 +287,20 @@ def test_hierarchical_equals_dense_on_analytic_fields(field):
     np.testing.assert_array_equal(dense.values[hierarchical.evaluated], hierarchical.values[hierarchical.evaluated])
 
 
+def test_band_catches_parts_the_coarse_grid_cannot_see():
+    # A blob of radius 0.05 centred between coarse (16^3) grid points: every coarse value near it is < 0, so sign
+    # changes alone never refine there; a band of 0.1 around the level does.
+    center = -1.01 + 13.5 * 2.02 / 16
+    field = lambda p: torch.maximum(sphere_field(0.5)(p), sphere_field(0.05, center=(center,) * 3)(p))  # noqa: E731
+    dense = marching_cubes(decode_volume_dense(field, 64))
+    assert len(dense.split(only_watertight=False)) == 2
+    no_band = marching_cubes(decode_volume_hierarchical(field, 64, min_resolution=16))
+    assert len(no_band.split(only_watertight=False)) == 1  # the documented limitation
+    with_band = marching_cubes(decode_volume_hierarchical(field, 64, min_resolution=16, band=0.1))
+    np.testing.assert_array_equal(dense.faces, with_band.faces)
+    np.testing.assert_array_equal(dense.vertices, with_band.vertices)
+
+
 def test_empty_field_gives_empty_mesh():
     mesh = field_to_mesh(lambda p: -torch.ones(len(p)), resolution=16)
     assert len(mesh.faces) == 0
@@ -294,7 +308,10 @@ def test_empty_field_gives_empty_mesh():
 
 def test_remove_floaters_and_simplify():
     big, small = sphere_field(0.6), sphere_field(0.08, center=(0.85, 0.85, 0.85))
-    field = lambda p: torch.maximum(big(p), small(p))  # noqa: E731
+
+    def field(p):
+        return torch.maximum(big(p), small(p))
+
     mesh = field_to_mesh(field, resolution=48, method="dense")
     assert len(mesh.split(only_watertight=False)) == 2
     cleaned = field_to_mesh(field, resolution=48, method="hierarchical", remove_floaters=0.05)

@@ -68,7 +68,7 @@ def nut() -> trimesh.Trimesh:
 
 def official_state_dict_shapes(
     width=32, heads=4, embed_dim=8, encoder_layers=1, decoder_layers=2, num_freqs=4, point_feats=4, with_encoder=True
-) -> "OrderedDict[str, tuple[int, ...]]":
+) -> OrderedDict[str, tuple[int, ...]]:
     head_dim, fourier = width // heads, 3 * (2 * num_freqs + 1)
     shapes: OrderedDict[str, tuple[int, ...]] = OrderedDict()
 
@@ -123,7 +123,7 @@ def official_state_dict_shapes(
     return shapes
 
 
-def random_official_state_dict(seed=0, dtype=torch.float16, **sizes) -> "OrderedDict[str, torch.Tensor]":
+def random_official_state_dict(seed=0, dtype=torch.float16, **sizes) -> OrderedDict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return OrderedDict(
         (key, (0.1 * torch.randn(shape, generator=generator)).to(dtype))
@@ -151,7 +151,8 @@ def write_checkpoints(folder: Path, state_dict) -> dict[str, Path]:
     paths["flat_ckpt"].parent.mkdir()
     torch.save(state_dict, paths["flat_ckpt"])
     torch.save({"state_dict": state_dict}, paths["nested_state_dict_ckpt"])
-    torch.save({"model": {"x_embedder.weight": torch.zeros(4, 8)}, "vae": state_dict, "conditioner": {}}, paths["dit_ckpt"])
+    dit = {"model": {"x_embedder.weight": torch.zeros(4, 8)}, "vae": state_dict, "conditioner": {}}
+    torch.save(dit, paths["dit_ckpt"])
     save_file(dict(state_dict), paths["flat_safetensors"])
     pipeline = {f"vae.{k}": v for k, v in state_dict.items()}
     pipeline["model.x_embedder.weight"] = torch.zeros(4, 8)
@@ -203,7 +204,8 @@ def test_from_hunyuan3d_rejects_missing_extra_and_misshaped_keys(tmp_path):
         ShapeVAE.from_hunyuan3d(tmp_path / "extra.safetensors")
 
     torch.save(state_dict, tmp_path / "ok.ckpt")
-    with pytest.raises(ValueError, match=r"shape mismatches: .*geo_decoder\.query_proj\.weight: checkpoint \(32, 27\) vs model \(32, 39\)"):
+    expected = r"shape mismatches: .*geo_decoder\.query_proj\.weight: checkpoint \(32, 27\) vs model \(32, 39\)"
+    with pytest.raises(ValueError, match=expected):
         ShapeVAE.from_hunyuan3d(tmp_path / "ok.ckpt", num_freqs=6)
 
     with pytest.raises(ValueError, match="does not exist"):
@@ -225,7 +227,9 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     model = tiny_vae()
     model.save_pretrained(tmp_path)
     reloaded = ShapeVAE.from_pretrained(tmp_path).eval()
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     assert public(reloaded.config) == public(model.config)
     latents = torch.randn(2, 12, 8)
     torch.testing.assert_close(reloaded.decode(latents), model.decode(latents))
