@@ -1,6 +1,10 @@
 """The `cgmllm` command line.
 
     cgmllm demo        # a tiny random CG-MLLM learns one text + 3D batch on the CPU, then captions a 3D block
+    cgmllm render MESH -o preview.png [--size 256 --views 4]
+    cgmllm caption MESH_OR_IMAGE [--model DIR]
+    cgmllm generate "PROMPT" -o out.glb [--model DIR --steps --guidance-scale --seed --num-shape-tokens
+                                         --octree-resolution --mc-level]
 """
 
 import argparse
@@ -67,14 +71,225 @@ def run_demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cgmllm", description="CG-MLLM: text/image -> 3D mesh and 3D captioning.")
-    subcommands = parser.add_subparsers(dest="command", required=True)
-    demo = subcommands.add_parser("demo", help="train a tiny random CG-MLLM for a few steps on the CPU")
-    demo.add_argument("--steps", type=int, default=60)
+class CLIError(Exception):
+    """A user error: printed as `cgmllm: error: ...`, exit status 2."""
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_MODEL_NAME = "checkpoints/tiny-world"
+
+
+def default_model_dir():
+    """The shipped tiny-world pipeline folder, `checkpoints/tiny-world` next to the package or at the repo root."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for root in (here, here.parent):
+        candidate = root / DEFAULT_MODEL_NAME
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
+
+
+def _load_pipeline(model):
+    from pathlib import Path
+
+    if model is None:
+        found = default_model_dir()
+        if found is None:
+            here = Path(__file__).resolve().parent
+            raise CLIError(
+                f"no model given and no shipped pipeline folder found at {here / DEFAULT_MODEL_NAME} or "
+                f"{here.parent / DEFAULT_MODEL_NAME}; pass --model DIR (a folder saved by "
+                "CGMLLMPipeline.save_pretrained, with a model_index.json)."
+            )
+        model = found
+    path = Path(model)
+    if not path.is_dir():
+        raise CLIError(f"--model {model}: no such directory.")
+    if not (path / "model_index.json").is_file():
+        raise CLIError(f"--model {model}: not a pipeline folder (no model_index.json); save one with "
+                       "CGMLLMPipeline.save_pretrained.")
+    from cgmllm.pipelines import CGMLLMPipeline
+
+    try:
+        pipe = CGMLLMPipeline.from_pretrained(path)
+    except Exception as error:  # corrupt / incomplete folders
+        raise CLIError(f"could not load the pipeline in {model}: {type(error).__name__}: {error}") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _existing_file(path_str, what):
+    from pathlib import Path
+
+    path = Path(path_str)
+    if not path.exists():
+        raise CLIError(f"{what} {path_str}: no such file.")
+    if not path.is_file():
+        raise CLIError(f"{what} {path_str}: not a file.")
+    return path
+
+
+def _check_output(path_str, suffixes, what):
+    from pathlib import Path
+
+    path = Path(path_str)
+    if path.suffix.lower() not in suffixes:
+        raise CLIError(f"{what} {path_str}: unsupported extension, use one of {', '.join(sorted(suffixes))}.")
+    if not path.parent.exists():
+        raise CLIError(f"{what} {path_str}: the folder {path.parent} does not exist.")
+    return path
+
+
+def run_render(args) -> int:
+    from .mesh_utils import load_mesh
+    from .rendering import render_multiview
+
+    path = _existing_file(args.mesh, "mesh")
+    output = _check_output(args.output, {".png", ".jpg", ".jpeg", ".webp"}, "-o/--output")
+    if args.size < 8:
+        raise CLIError(f"--size must be at least 8 pixels, got {args.size}.")
+    if args.views < 1:
+        raise CLIError(f"--views must be at least 1, got {args.views}.")
+    try:
+        mesh = load_mesh(path)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    image = render_multiview(mesh, image_size=args.size, num_views=args.views, columns=args.columns)
+    image.save(output)
+    print(f"wrote {output} ({image.width}x{image.height}, {args.views} view(s) of {len(mesh.faces)} faces)")
+    return 0
+
+
+def run_caption(args) -> int:
+    path = _existing_file(args.input, "input")
+    is_image = path.suffix.lower() in _IMAGE_SUFFIXES
+    if is_image:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as handle:
+                image = handle.convert("RGB")
+        except (UnidentifiedImageError, OSError) as error:
+            raise CLIError(f"input {path}: not a readable image ({error}).") from error
+    else:
+        from .mesh_utils import load_mesh
+
+        try:
+            mesh = load_mesh(path)
+        except ValueError as error:
+            raise CLIError(str(error)) from error
+    pipe = _load_pipeline(args.model)
+    try:
+        if is_image:
+            captions = pipe.caption(image=image, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        else:
+            captions = pipe.caption(mesh=mesh, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                    num_shape_tokens=args.num_shape_tokens)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    print(captions[0])
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    output = _check_output(args.output, {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}, "-o/--output")
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty.")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}.")
+    if args.octree_resolution < 4:
+        raise CLIError(f"--octree-resolution must be at least 4, got {args.octree_resolution}.")
+    pipe = _load_pipeline(args.model)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        out = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                   num_shape_tokens=args.num_shape_tokens, generator=generator,
+                   octree_resolution=args.octree_resolution, mc_level=args.mc_level)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    mesh = out.mesh
+    if mesh is None or len(mesh.faces) == 0:
+        raise CLIError(
+            f"the decoded field never crosses --mc-level {args.mc_level}: no surface, nothing written. Try another "
+            "--seed or --mc-level, or a trained --model."
+        )
+    mesh.export(output)
+    print(f"wrote {output} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces) in "
+          f"{time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgmllm",
+        description="CG-MLLM: text/image -> 3D mesh and 3D captioning.",
+        epilog=(
+            "examples:\n"
+            "  cgmllm render chair.glb -o preview.png --size 256 --views 4\n"
+            "  cgmllm caption chair.glb            # or an image: cgmllm caption photo.png\n"
+            '  cgmllm generate "a tall red cylinder" -o out.glb --steps 30 --seed 0\n'
+            "  cgmllm demo\n\n"
+            f"--model defaults to the shipped pipeline folder {DEFAULT_MODEL_NAME} (at the package or repo root)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    demo = subcommands.add_parser("demo", help="train a tiny random CG-MLLM for a few steps on the CPU",
+                                  formatter_class=defaults)
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.set_defaults(func=run_demo)
+
+    render = subcommands.add_parser("render", help="render a mesh file to a multi-view PNG preview",
+                                    formatter_class=defaults)
+    render.add_argument("mesh", help="mesh file (glb, gltf, obj, ply, stl, off)")
+    render.add_argument("-o", "--output", default="preview.png", help="output image (png, jpg, webp)")
+    render.add_argument("--size", type=int, default=256, help="side of every view in pixels")
+    render.add_argument("--views", type=int, default=4, help="number of views around the object")
+    render.add_argument("--columns", type=int, default=None, help="views per row; None = all in one row")
+    render.set_defaults(func=run_render)
+
+    caption = subcommands.add_parser("caption", help="describe a mesh or an image in text",
+                                     formatter_class=defaults)
+    caption.add_argument("input", metavar="MESH_OR_IMAGE",
+                         help="mesh file (glb, obj, ply, ...) or image (png, jpg, ...), chosen by extension")
+    caption.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    caption.add_argument("--prompt", default=None, help="question; None = the processor's describe prompt")
+    caption.add_argument("--max-new-tokens", type=int, default=64, help="caption length budget")
+    caption.add_argument("--num-shape-tokens", type=int, default=None,
+                         help="latent rows for a mesh; None = the model's")
+    caption.set_defaults(func=run_caption)
+
+    generate = subcommands.add_parser("generate", help="generate a mesh from a text prompt",
+                                      formatter_class=defaults)
+    generate.add_argument("prompt", metavar="PROMPT", help="text prompt, e.g. \"a tall red cylinder\"")
+    generate.add_argument("-o", "--output", default="out.glb", help="output mesh (glb, obj, ply, stl, off)")
+    generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    generate.add_argument("--steps", type=int, default=50, help="Euler denoising steps")
+    generate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<=1: off)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    generate.add_argument("--num-shape-tokens", type=int, default=None,
+                          help="latent rows N; None = the model's num_shape_tokens")
+    generate.add_argument("--octree-resolution", type=int, default=128, help="marching-cubes grid cells per axis")
+    generate.add_argument("--mc-level", type=float, default=0.0, help="iso-level of the decoded field")
+    generate.set_defaults(func=run_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CLIError as error:
+        print(f"cgmllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -56,14 +56,18 @@ def tiny_processor(texts=None, vocab_size: int = 300):
 
 
 def tiny_model_config(processor, shape_latent_channels: int = 8, num_shape_tokens: int = 8, hidden_size: int = 32,
-                      num_hidden_layers: int = 2):
+                      num_hidden_layers: int = 2, intermediate_size: int = 37):
     from cgmllm import CGMLLMConfig
 
+    head_dim = hidden_size // 4
+    quarter = head_dim // 8  # mRoPE sections (t, h, w) over the head_dim / 2 frequencies, for wider models
+    mrope_section = [2, 1, 1] if hidden_size < 32 else [4, 2, 2] if hidden_size <= 64 else [
+        head_dim // 2 - 2 * quarter, quarter, quarter]
     text_config = dict(
-        vocab_size=len(processor.tokenizer), hidden_size=hidden_size, intermediate_size=37,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+        vocab_size=len(processor.tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
         pad_token_id=0,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1] if hidden_size < 32 else [4, 2, 2],
+        rope_parameters={"rope_type": "default", "mrope_section": mrope_section,
                          "mrope_interleaved": True, "rope_theta": 10000},
     )
     vision_config = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=4, in_channels=3, patch_size=16,

@@ -1,0 +1,227 @@
+"""Train a tiny ShapeVAE on the tiny world (or any folder of meshes) on the CPU.
+
+    python -m cgmllm.training.train_vae --data TINY_WORLD_DIR --out OUT [--steps 2000 --num-latents 64 ...]
+
+Every mesh is normalised to the VAE cube exactly as `CGMLLMProcessor.prepare_surfaces` does (so that the pipeline's
+`encode_mesh` feeds the trained encoder what it saw in training), then sampled **once**: a surface point cloud (half
+area-uniform, half on sharp edges, as the processor does) and occupancy-labelled query points
+(`mesh_utils.sample_sdf_points`). The arrays are cached in `OUT/cache_<split>.npz`, so a training step is only the
+VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries. At the end the VAE is saved
+to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction IoU to `OUT/metrics.json`.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+MESH_SUFFIXES = (".ply", ".glb", ".obj", ".stl", ".off", ".gltf")
+
+
+def find_meshes(folder: str | Path, split: str | None = None) -> list[Path]:
+    """Mesh files of a tiny-world split (`folder/<split>/meshes/*`) or, without that layout, of `folder` itself."""
+    folder = Path(folder)
+    for candidate in ([folder / split / "meshes", folder / split] if split else []) + [folder]:
+        if candidate.is_dir():
+            files = sorted(p for p in candidate.iterdir() if p.suffix.lower() in MESH_SUFFIXES)
+            if files:
+                return files
+    return []
+
+
+def _sample_one(job):
+    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface
+
+    path, num_points, num_near, num_uniform, seed = job
+    mesh = normalize_mesh(load_mesh(path))[0]
+    num_sharp = num_points // 2  # the processor's default split between the two pools
+    surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed)
+    points, labels = sample_sdf_points(mesh, num_near=num_near, num_uniform=num_uniform, seed=seed + 1)
+    return surface, points, labels
+
+
+def precompute_samples(
+    files: Sequence[Path],
+    cache_path: str | Path | None,
+    num_points: int,
+    num_near: int,
+    num_uniform: int,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> dict[str, np.ndarray]:
+    """Surface clouds `(M, P, 7)`, query points `(M, Q, 3)` and occupancies `(M, Q)` of every mesh, read from
+    `cache_path` when it holds the same files and sizes, else computed (in `num_workers` processes) and written."""
+    key = {"files": [str(f) for f in files], "num_points": num_points, "num_near": num_near,
+           "num_uniform": num_uniform, "seed": seed}
+    if cache_path is not None and Path(cache_path).is_file():
+        cached = np.load(cache_path, allow_pickle=False)
+        if json.loads(str(cached["key"])) == key:
+            return {name: cached[name] for name in ("surface", "points", "labels")}
+    jobs = [(str(f), num_points, num_near, num_uniform, seed * 1_000_003 + 2 * i) for i, f in enumerate(files)]
+    if num_workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            results = list(pool.map(_sample_one, jobs, chunksize=8))
+    else:
+        results = [_sample_one(job) for job in jobs]
+    arrays = {
+        "surface": np.stack([r[0] for r in results]).astype(np.float32),
+        "points": np.stack([r[1] for r in results]).astype(np.float32),
+        "labels": np.stack([r[2] for r in results]).astype(np.float32),
+    }
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_path, key=np.array(json.dumps(key)), **arrays)
+    return arrays
+
+
+def build_vae(num_latents: int, embed_dim: int, width: int, heads: int, encoder_layers: int, decoder_layers: int,
+              num_points: int, downsample_ratio: int, num_freqs: int = 8):
+    from cgmllm.modeling_shape_vae import ShapeVAE
+
+    num_sharp = num_points // 2
+    return ShapeVAE(num_latents=num_latents, embed_dim=embed_dim, width=width, heads=heads,
+                    num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers, num_freqs=num_freqs,
+                    pc_size=num_points - num_sharp, pc_sharpedge_size=num_sharp, downsample_ratio=downsample_ratio,
+                    scale_factor=1.0)
+
+
+@torch.no_grad()
+def evaluate_iou(vae, data: dict[str, np.ndarray], num_latents: int, num_uniform: int, batch_size: int = 8,
+                 seed: int = 0) -> dict[str, float]:
+    """Reconstruction IoU (posterior mean, logits > 0 vs occupancy) on the uniform volume queries (`iou`) and on
+    all queries (`iou_all`), averaged over meshes, plus the mean BCE."""
+    vae.eval()
+    ious, ious_all, losses = [], [], []
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(data["surface"]), batch_size):
+        sl = slice(start, start + batch_size)
+        out = vae.compute_loss(data["surface"][sl], data["points"][sl], data["labels"][sl], num_latents=num_latents,
+                               generator=generator, sample_posterior=False)
+        losses.append(float(out.recon_loss) * out.logits.shape[0])
+        predicted = (out.logits > 0).cpu().numpy()
+        truth = data["labels"][sl] > 0.5
+        for pred, gt, name in ((predicted[:, -num_uniform:], truth[:, -num_uniform:], ious), (predicted, truth, ious_all)):
+            inter = (pred & gt).sum(1)
+            union = (pred | gt).sum(1)
+            name.extend(np.where(union > 0, inter / np.maximum(union, 1), 1.0).tolist())
+    count = len(data["surface"])
+    return {"iou": float(np.mean(ious)), "iou_all": float(np.mean(ious_all)), "recon_loss": sum(losses) / count}
+
+
+def train_vae(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    num_points = args.num_points or args.num_latents * args.downsample_ratio
+    train_files = find_meshes(args.data, "train")[: args.max_train or None]
+    eval_files = find_meshes(args.data, "test")[: args.max_eval or None]
+    if not train_files:
+        raise ValueError(f"No meshes found in {args.data} (expected {args.data}/train/meshes/*.ply or mesh files).")
+    if eval_files == train_files or not (Path(args.data) / "test").is_dir():
+        eval_files = []
+
+    timings = {}
+    start = time.perf_counter()
+    train = precompute_samples(train_files, out / "cache_train.npz", num_points, args.num_near, args.num_uniform,
+                               args.seed, args.num_workers)
+    held = (precompute_samples(eval_files, out / "cache_test.npz", num_points, args.num_near, args.num_uniform,
+                               args.seed + 1, args.num_workers) if eval_files else None)
+    timings["precompute_s"] = time.perf_counter() - start
+    print(f"precomputed {len(train_files)} train + {len(eval_files)} held-out meshes in {timings['precompute_s']:.1f}s")
+
+    torch.manual_seed(args.seed)
+    vae = build_vae(args.num_latents, args.embed_dim, args.width, args.heads, args.encoder_layers,
+                    args.decoder_layers, num_points, args.downsample_ratio).train()
+    print(f"ShapeVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.num_latents} latents")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)) * (
+            0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, step / max(1, args.steps))))))
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    num_meshes, total_queries = train["points"].shape[:2]
+    step_times, history = [], []
+    for step in range(args.steps):
+        tick = time.perf_counter()
+        index = rng.choice(num_meshes, size=min(args.batch_size, num_meshes), replace=False)
+        queries = rng.choice(total_queries, size=min(args.queries_per_step, total_queries), replace=False)
+        # Train on a random number of latents in [min, max] so the encoder serves every stage resolution.
+        num_latents = int(rng.integers(args.min_latents or args.num_latents, args.num_latents + 1))
+        loss = vae.compute_loss(
+            torch.from_numpy(train["surface"][index]), torch.from_numpy(train["points"][index][:, queries]),
+            torch.from_numpy(train["labels"][index][:, queries]), kl_weight=args.kl_weight, num_latents=num_latents,
+            generator=generator,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step_times.append(time.perf_counter() - tick)
+        if step % args.log_every == 0 or step == args.steps - 1:
+            history.append({"step": step, "recon_loss": loss.recon_loss.item(), "kl": loss.kl_loss.item()})
+            print(f"step {step:5d}  recon {loss.recon_loss.item():.4f}  kl {loss.kl_loss.item():.3f}  "
+                  f"{np.mean(step_times[-args.log_every:]):.3f}s/step")
+    timings["train_s"] = float(sum(step_times))
+    timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
+
+    metrics = {"num_train": len(train_files), "num_heldout": len(eval_files), "steps": args.steps,
+               "num_latents": args.num_latents, "num_points": num_points, "timings": timings, "history": history,
+               "parameters": sum(p.numel() for p in vae.parameters())}
+    for name, data in (("train", train), ("heldout", held)):
+        if data is not None:
+            limit = args.max_train_eval if name == "train" else None  # held-out is already capped by --max-eval
+            subset = {k: v[: limit or None] for k, v in data.items()}
+            metrics[name] = evaluate_iou(vae, subset, args.num_latents, args.num_uniform, seed=args.seed)
+            print(f"{name}: IoU {metrics[name]['iou']:.3f} (all queries {metrics[name]['iou_all']:.3f})")
+    vae.eval().save_pretrained(out / "vae")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a tiny ShapeVAE on the tiny world (CPU).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, help="tiny world folder (build_tiny_world_dataset) or mesh folder")
+    parser.add_argument("--out", required=True, help="output folder: vae/, metrics.json, cache_*.npz")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--kl-weight", type=float, default=1e-3)
+    parser.add_argument("--num-latents", type=int, default=64, help="latent rows N (the largest stage resolution)")
+    parser.add_argument("--min-latents", type=int, default=16, help="train on N drawn in [min, num-latents]")
+    parser.add_argument("--embed-dim", type=int, default=8, help="latent channels C")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--encoder-layers", type=int, default=1)
+    parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--downsample-ratio", type=int, default=8, help="surface points per latent")
+    parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")
+    parser.add_argument("--num-near", type=int, default=2048, help="near-surface queries cached per mesh")
+    parser.add_argument("--num-uniform", type=int, default=2048, help="uniform volume queries cached per mesh")
+    parser.add_argument("--queries-per-step", type=int, default=1024, help="queries per mesh in one step")
+    parser.add_argument("--max-train", type=int, default=None, help="use only the first N training meshes")
+    parser.add_argument("--max-eval", type=int, default=None, help="use only the first N held-out meshes")
+    parser.add_argument("--max-train-eval", type=int, default=200, help="training meshes in the train IoU")
+    parser.add_argument("--num-workers", type=int, default=0, help="processes for the precomputation")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return train_vae(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
