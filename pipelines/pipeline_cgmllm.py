@@ -10,7 +10,10 @@ Data flow (B objects, N latent rows of C channels, blocks of K rows, S steps):
                                model(block j, x_t, t, cache read-only) ─▶ v (2B, K, C)  [cond ∥ uncond in one call]
                                CFG (t in the interval) + renorm ─▶ scheduler.step
                            model(block j, x_0, t = 0, update_cache)       clean copy appended to the cache (K < N)
-    latents / vae.scale_factor ─ vae.latents_to_mesh ─▶ list[trimesh.Trimesh]
+    latents ─ vae.latents_to_mesh ─▶ list[trimesh.Trimesh]
+
+CG-MLLM works on raw ShapeVAE latents (the official release decodes with z_scale_factor = 1.0, and the training
+latent cache stores raw `encode` outputs), so no VAE scale factor is applied on either side.
 
 This file imports nothing from the `cgmllm` package at module level: it is copied next to a saved pipeline and
 loaded as remote code by `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` where `cgmllm` is not
@@ -65,7 +68,7 @@ class CGMLLMPipelineOutput(BaseOutput):
 
     Args:
         meshes (`list[trimesh.Trimesh]` or `None`): one mesh per generated object (None for `output_type="latent"`).
-        latents (`torch.Tensor`): `(B, N, C)` final latents in diffusion space (`vae_latents * vae.scale_factor`).
+        latents (`torch.Tensor`): `(B, N, C)` final latents (raw ShapeVAE latents, what `vae.decode` takes).
     """
 
     meshes: list | None
@@ -480,9 +483,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         # 6. Decode.
         meshes = None
         if output_type == "trimesh":
-            vae_latents = latents / self.vae.config.scale_factor
             meshes = self.vae.latents_to_mesh(
-                vae_latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
+                latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
                 **(mesh_kwargs or {}),
             )
         self.maybe_free_model_hooks()
@@ -494,8 +496,8 @@ class CGMLLMPipeline(DiffusionPipeline):
     # Captioning
     # ------------------------------------------------------------------------------------------------------------
     def encode_mesh(self, mesh, num_shape_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean latents `(B, N, C)` in
-        diffusion space: surface sampling, `vae.encode(...).mode() * scale_factor`."""
+        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`:
+        surface sampling, then `vae.encode(...).mode()` (the same latents the training cache holds)."""
         num_shape_tokens = num_shape_tokens or self.max_shape_tokens
         meshes = self._as_list(mesh)
         num_points = num_shape_tokens * self.vae.config.downsample_ratio
@@ -507,7 +509,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             raise ValueError(f"Could not read the mesh(es) {meshes!r:.200}: {error}") from error
         generator = torch.Generator(device="cpu").manual_seed(seed)
         posterior = self.vae.encode(surfaces, num_latents=num_shape_tokens, generator=generator)
-        return posterior.mode().float() * self.vae.config.scale_factor
+        return posterior.mode().float()
 
     @torch.no_grad()
     def caption(
