@@ -28,6 +28,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
     Qwen3VLTextMLP,
+    Qwen3VLTextModel,
     Qwen3VLTextRMSNorm,
     Qwen3VLTextRotaryEmbedding,
     Qwen3VLVisionModel,
@@ -378,11 +379,11 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                 **kwargs,
             )
             if deepstack_visual_embeds is not None and layer_idx < len(deepstack_visual_embeds):
-                # DeepStack: add the ViT's intermediate features to the visual rows after the first layers.
-                hidden_states = hidden_states.clone()
-                hidden_states[visual_pos_masks] = hidden_states[visual_pos_masks] + deepstack_visual_embeds[
-                    layer_idx
-                ].to(hidden_states.dtype)
+                # DeepStack: add the ViT's intermediate features to the visual rows after the first layers
+                # (transformers' own Qwen3-VL helper; it uses no state of its module).
+                hidden_states = Qwen3VLTextModel._deepstack_process(
+                    self, hidden_states, visual_pos_masks, deepstack_visual_embeds[layer_idx]
+                )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
 
