@@ -13,6 +13,7 @@ from cgmllm.training.tiny_world import (
     MESH_EXTENT,
     ShapeSpec,
     build_tiny_world_dataset,
+    classify_family,
     classify_orientation,
     classify_proportion,
     list_combinations,
@@ -202,6 +203,13 @@ def test_build_and_load_dataset(tmp_path):
     assert set(test["split"]) == {"test"} and sum(test["novel_combination"]) == 4
     assert not set(test.filter(lambda r: r["novel_combination"])["combination"]) & set(train["combination"])
 
+    # The training stack's loader reads the same folder (one split, paraphrases kept).
+    from cgmllm.training.data import load_caption_dataset
+
+    captions = load_caption_dataset(output_dir, split="test")
+    assert captions.num_rows == 8 and set(captions.column_names) == {"uid", "caption", "mesh", "captions"}
+    assert captions["caption"] == test["caption"] and captions["captions"] == test["captions"]
+
     # The files are ordinary meshes too.
     assert trimesh.load(output_dir / "train" / "meshes" / "00000.ply").is_watertight
     with pytest.raises(ValueError, match="Unknown split"):
@@ -215,3 +223,29 @@ def test_command_line_builds_without_images(tmp_path):
     table = pq.read_table(tmp_path / "cli" / "train" / "metadata.parquet")
     assert table.num_rows == 4 and "image" not in table.column_names
     assert pq.read_table(tmp_path / "cli" / "test" / "metadata.parquet").num_rows == 2
+
+
+def test_family_classifier_is_right_on_ground_truth_and_ignores_pose():
+    """The evaluation's family classifier must be right on ground-truth shapes in every pose and proportion, so that
+    its accuracy on generated shapes measures the model (it is wrong on a different family's shape)."""
+    rng = np.random.default_rng(3)
+    cases = [
+        ("box", {"proportion": "flat", "orientation": "tilted"}),
+        ("cylinder", {"proportion": "tall", "orientation": "lying"}),
+        ("pyramid", {"proportion": "tall", "orientation": "upside_down"}),
+        ("cone", {"proportion": "tall", "orientation": "tilted"}),
+        ("torus", {"thickness": "thin", "orientation": "tilted"}),
+        ("tube", {"proportion": "flat", "thickness": "thick", "orientation": "upright"}),
+        ("capsule", {"orientation": "lying"}),
+        ("ellipsoid", {"proportion": "flat", "orientation": "upright"}),
+    ]
+    for family, attributes in cases:
+        spec = ShapeSpec(family, attributes).sample(rng)  # jittered dims, heading and lean: not a reference
+        assert classify_family(spec.to_mesh(), attributes) == family, (family, attributes)
+    # A cylinder is not called a box, and a sphere asked for as a box is the nearest box-like family, not a box.
+    cylinder = ShapeSpec("cylinder", {"proportion": "flat", "orientation": "upright"}).sample(rng).to_mesh()
+    assert classify_family(cylinder, {"proportion": "flat", "orientation": "upright"}) == "cylinder"
+    assert classify_family(cylinder, {"proportion": "flat", "orientation": "upright"}, families=["box", "cone"]) in (
+        "box", "cone")
+    with pytest.raises(ValueError, match="No family has the attributes"):
+        classify_family(cylinder, {"thickness": "thin"}, families=["box"])

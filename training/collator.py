@@ -1,12 +1,13 @@
 """Training batches: the four CG-MLLM tasks built with the processor's prompt formats, condition dropout, packing.
 
 Tasks (see `cgmllm.processing_cgmllm` for the exact layouts):
-    text_to_shape   text prompt -> noisy 3D block (flow loss); dropout replaces the prompt with the empty context
+    text_to_shape   text prompt -> noisy 3D block (flow loss); dropout replaces the prompt with the empty context;
+                    the prompt is one of the `captions` paraphrases when the data set has that column
     image_to_shape  image -> noisy 3D block (flow loss); dropout replaces the image with the empty context
     shape_caption   clean 3D block (t = 0) + question -> caption (CE on the caption and its `<|im_end|>`)
     image_caption   question + image -> caption (CE)
 
-Randomness (task choice, dropout) is drawn from a generator seeded by `(seed, epoch, uid)`, never from the global RNG,
+Randomness (task choice, dropout, paraphrase) is drawn from a generator seeded by `(seed, epoch, uid)`, never from the global RNG,
 so a run resumed from a checkpoint sees the same batches as an uninterrupted one (`CGMLLMTrainer` calls
 `set_epoch`).
 """
@@ -107,7 +108,11 @@ class CGMLLMDataCollator:
         drop = task in GENERATION_TASKS and rng.random() < self.condition_dropout
         images, target = None, None
         if task == "text_to_shape":
-            prompt = processor.text_to_shape_prompt("" if drop else caption) + "<shape>"
+            # Prompts are drawn from the paraphrases (when the data set has them), so generation follows any
+            # wording; caption targets stay the canonical `caption`, so the captioner answers in one style.
+            paraphrases = [text for text in (example.get("captions") or ()) if isinstance(text, str) and text.strip()]
+            prompt_text = rng.choice(paraphrases) if paraphrases else caption
+            prompt = processor.text_to_shape_prompt("" if drop else prompt_text) + "<shape>"
         elif task == "image_to_shape":
             prompt = ("" if drop else processor.image_to_shape_prompt()) + "<shape>"
             images = None if drop else [example["image"]]

@@ -6,10 +6,12 @@ Every loader returns a `datasets.Dataset` with the columns
     caption  string     the caption
     mesh     Mesh(decode=False)         mesh bytes/path (mesh layouts), or
     points   Sequence(Sequence(float32)) `(P, 6|7)` point cloud, xyz + normal [+ sharp flag] (Cap3D `.npy`)
+    captions Sequence(string)            optional: paraphrases of `caption`, when the metadata has them (the
+                                          collator then draws one per sample and epoch)
 
 Layouts:
-    meshfolder  `DIR/[split/]*.glb|ply|stl` + `metadata.csv|jsonl` with `file_name` and a caption column
-                (the `datasets` `meshfolder` builder).
+    meshfolder  `DIR/[split/]*.glb|ply|stl` + `metadata.csv|jsonl|parquet` with `file_name` and a caption column
+                (the `datasets` `meshfolder` builder); the tiny world (`cgmllm.training.tiny_world`) is one.
     cap3d       a header-less `uid,caption` CSV (Cap3D's `Cap3D_automated_Objaverse_full.csv`) and a folder of
                 meshes or `.npy` point clouds named `<uid>.<ext>`. Spec: `{"captions": CSV, "shapes": DIR}`, or a
                 folder holding exactly one `.csv` next to the shapes (or a `shapes/` subfolder).
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 MESH_SUFFIXES = (".glb", ".gltf", ".ply", ".stl", ".obj", ".off")
 POINT_SUFFIXES = (".npy",)
 LAYOUTS = ("auto", "meshfolder", "cap3d", "parquet")
+PARAPHRASE_COLUMN = "captions"
+"""Optional list-of-strings column: paraphrases of `caption`; the collator draws one of them per sample and epoch."""
 
 
 def load_caption_dataset(
@@ -75,6 +79,10 @@ def load_caption_dataset(
                              "points": Sequence(Sequence(Value("float32")))})
     else:
         features = Features({"uid": Value("string"), "caption": Value("string"), "mesh": Mesh(decode=False)})
+    if any(PARAPHRASE_COLUMN in row for row in rows):
+        features[PARAPHRASE_COLUMN] = Sequence(Value("string"))
+        for row in rows:
+            row.setdefault(PARAPHRASE_COLUMN, [row["caption"]])
     columns = {name: [row[name] for row in rows] for name in features}
     return Dataset.from_dict(columns, features=features)
 
@@ -86,15 +94,16 @@ def detect_layout(path_or_spec) -> str:
     if path.is_file() and path.suffix == ".parquet" or "*" in str(path_or_spec):
         return "parquet"
     if path.is_dir():
-        if glob.glob(str(path / "**" / "*.parquet"), recursive=True):
-            return "parquet"
+        # `metadata.parquet` next to mesh files is a mesh folder's metadata, not a parquet data set.
         if glob.glob(str(path / "**" / "metadata.*"), recursive=True):
             return "meshfolder"
+        if glob.glob(str(path / "**" / "*.parquet"), recursive=True):
+            return "parquet"
         if glob.glob(str(path / "*.csv")):
             return "cap3d"
     raise ValueError(
         f"Cannot tell the layout of {path_or_spec!r}: expected a parquet file/folder, a mesh folder with "
-        "metadata.csv/jsonl, or a Cap3D folder (uid,caption CSV + shapes). Pass `layout=` explicitly."
+        "metadata.csv/jsonl/parquet, or a Cap3D folder (uid,caption CSV + shapes). Pass `layout=` explicitly."
     )
 
 
@@ -105,9 +114,11 @@ def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"Mesh folder {folder} does not exist.")
+    # A `folder/<split>/` subfolder (the tiny world, `datasets`' split layout) holds that split only.
+    root = folder / split if (folder / split).is_dir() else folder
     # The builder silently ignores metadata rows whose file is missing: check them first, naming the sample.
     rows = []
-    for meta in sorted(folder.rglob("metadata.*")):
+    for meta in sorted(root.rglob("metadata.*")):
         if meta.suffix == ".csv":
             with open(meta, newline="") as handle:
                 records = list(csv.DictReader(handle))
@@ -115,6 +126,13 @@ def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
             import json
 
             records = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        elif meta.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(meta).names
+            # Only the text columns: a rendered image column would be read for nothing.
+            wanted = [name for name in ("file_name", caption_column, PARAPHRASE_COLUMN) if name in names]
+            records = pq.read_table(meta, columns=wanted).to_pylist()
         else:
             continue
         for record in records:
@@ -124,10 +142,14 @@ def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
                 raise ValueError(f"{meta} has no caption column {caption_column!r} (columns: {sorted(record)}).")
             mesh_path = meta.parent / record["file_name"]
             error = None if mesh_path.is_file() else f"mesh file {mesh_path} is missing"
-            rows.append({"uid": Path(record["file_name"]).stem, "caption": record[caption_column],
-                         "mesh": {"path": str(mesh_path), "bytes": None}, "_error": error})
+            row = {"uid": Path(record["file_name"]).stem, "caption": record[caption_column],
+                   "mesh": {"path": str(mesh_path), "bytes": None}, "_error": error}
+            if record.get(PARAPHRASE_COLUMN):
+                row[PARAPHRASE_COLUMN] = [str(text) for text in record[PARAPHRASE_COLUMN]]
+            rows.append(row)
     if not rows:
-        raise ValueError(f"{folder} has no metadata.csv / metadata.jsonl with `file_name` and {caption_column!r}.")
+        raise ValueError(f"{root} has no metadata.csv / metadata.jsonl / metadata.parquet with `file_name` and "
+                         f"{caption_column!r}.")
     if any(row["_error"] is None for row in rows):
         # Cross-check with the `datasets` builder that every present file is part of the data set.
         built = load_dataset("meshfolder", data_dir=str(folder), split=split).cast_column("mesh", Mesh(decode=False))

@@ -11,9 +11,9 @@ import logging
 import os
 
 import torch
-from datasets import Array2D, Dataset, Features, Value, load_from_disk
+from datasets import Array2D, Dataset, Features, Sequence, Value, load_from_disk
 
-from .data import LAYOUTS, example_surface, load_caption_dataset
+from .data import LAYOUTS, PARAPHRASE_COLUMN, example_surface, load_caption_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def encode_latents(vae, surfaces: torch.Tensor, num_latents: int, seed: int = 0)
 
 def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | None = None,
                    num_sharp_points: int | None = None, seed: int = 0, batch_size: int = 8) -> Dataset:
-    """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption`, latent column(s).
+    """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption` (and `captions`
+    paraphrases when the data set has them) and the latent column(s).
 
     Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
     uses seed `seed + i`, so the cache is reproducible.
@@ -54,7 +55,10 @@ def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | Non
     num_points = vae.config.pc_size if num_points is None else num_points
     num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points
     channels = vae.config.embed_dim
-    features = Features({"uid": Value("string"), "caption": Value("string"),
+    text_columns = {"uid": Value("string"), "caption": Value("string")}
+    if PARAPHRASE_COLUMN in dataset.column_names:
+        text_columns[PARAPHRASE_COLUMN] = Sequence(Value("string"))
+    features = Features({**text_columns,
                          **{latent_column(n, sizes): Array2D((n, channels), "float32") for n in sizes}})
 
     def encode(batch, indices):
@@ -63,7 +67,7 @@ def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | Non
             example_surface(example, num_points, num_sharp_points, seed=seed + index)
             for example, index in zip(examples, indices)
         ])
-        out = {"uid": batch["uid"], "caption": batch["caption"]}
+        out = {name: batch[name] for name in text_columns}
         for n in sizes:
             out[latent_column(n, sizes)] = encode_latents(vae, surfaces, n, seed=seed + indices[0]).numpy()
         return out

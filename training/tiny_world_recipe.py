@@ -22,21 +22,6 @@ from typing import Sequence
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_world.yaml"
 
 
-def caption_dataset(world_dir: str | Path, split: str = "train"):
-    """The tiny world's split in the training schema (`uid`, `caption`, `mesh` path)."""
-    import pyarrow.parquet as pq
-    from datasets import Dataset, Features, Mesh, Value
-
-    split_dir = Path(world_dir) / split
-    table = pq.read_table(split_dir / "metadata.parquet", columns=["file_name", "caption"]).to_pydict()
-    features = Features({"uid": Value("string"), "caption": Value("string"), "mesh": Mesh(decode=False)})
-    return Dataset.from_dict({
-        "uid": [Path(name).stem for name in table["file_name"]],
-        "caption": table["caption"],
-        "mesh": [{"path": str(split_dir / name), "bytes": None} for name in table["file_name"]],
-    }, features=features)
-
-
 def run_recipe(args) -> dict:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -46,6 +31,7 @@ def run_recipe(args) -> dict:
     from cgmllm.pipelines import CGMLLMPipeline
 
     from .cli import load_config, run_stages
+    from .data import load_caption_dataset
     from .preprocess import encode_dataset
     from .tiny_world import build_tiny_world_dataset
     from .train_vae import main as train_vae_main
@@ -85,7 +71,9 @@ def run_recipe(args) -> dict:
     start = time.perf_counter()
     vae = ShapeVAE.from_pretrained(out / "vae_run" / "vae").eval().requires_grad_(False)
     with torch.no_grad():
-        encoded = encode_dataset(caption_dataset(world, "train"), vae, sizes, seed=args.seed)
+        # The tiny world is a meshfolder: read by the same loader as any user data set (paraphrases included).
+        train_set = load_caption_dataset(world, layout="meshfolder", split="train", validate=False)
+        encoded = encode_dataset(train_set, vae, sizes, seed=args.seed)
     encoded.save_to_disk(str(out / "latents"))
     phase("latents", start)
 

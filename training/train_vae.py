@@ -139,7 +139,7 @@ def train_vae(args) -> dict:
 
     torch.manual_seed(args.seed)
     vae = build_vae(args.num_latents, args.embed_dim, args.width, args.heads, args.encoder_layers,
-                    args.decoder_layers, num_points, args.downsample_ratio).train()
+                    args.decoder_layers, num_points, args.downsample_ratio, args.num_freqs).train()
     print(f"ShapeVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.num_latents} latents")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--encoder-layers", type=int, default=1)
     parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--num-freqs", type=int, default=8, help="Fourier frequencies of the point embedding")
     parser.add_argument("--downsample-ratio", type=int, default=8, help="surface points per latent")
     parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")
     parser.add_argument("--num-near", type=int, default=2048, help="near-surface queries cached per mesh")
