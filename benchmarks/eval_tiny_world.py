@@ -1,93 +1,99 @@
-"""Text -> 3D and mesh -> caption quality of a CG-MLLM pipeline on the tiny world's held-out split.
+"""Quality of a CG-MLLM pipeline on the tiny world's held-out split, printed as one Markdown table.
 
-    python benchmarks/eval_tiny_world.py --model runs/tiny-world/pipeline --data runs/tiny-world/data --num 20
+    python benchmarks/eval_tiny_world.py                                    # the shipped checkpoint
+    python benchmarks/eval_tiny_world.py --model runs/tiny-world/pipeline --data runs/tiny-world/data --num 40
 
-For each held-out sample (in file order, the first `--num`):
-* text -> 3D: generate from the canonical caption; the predicted family is the family whose ground-truth meshes
-  with the same attributes are nearest by Chamfer distance (families for which the attributes do not exist are
-  skipped); proportion accuracy compares `classify_proportion` of the generated mesh with the prompt's attribute;
-* mesh -> caption: caption the ground-truth mesh; family-word accuracy checks that the caption names the family.
-Prints one table. Part of issue 6; VAE IoU / Chamfer, image captioning, BLEU-1 / ROUGE-L are still to be added.
+Without `--data` the held-out split is rebuilt in memory from its specs (the recipe's default sizes and seed).
+
+Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world_eval`):
+* ShapeVAE reconstruction: volume IoU and Chamfer distance of encode -> decode;
+* text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
+  (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
+* mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
+* block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each.
+Image -> caption is not measured: the tiny world trains no image tasks (its vision tower is untrained).
+Numbers depend on the machine only through the timings.
 """
 
 import argparse
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
-import trimesh
-
-
-def chamfer(a: trimesh.Trimesh, b: trimesh.Trimesh, num_points: int = 2048, seed: int = 0) -> float:
-    """Symmetric mean nearest-neighbour distance between surface samples of two meshes (both normalised)."""
-    from scipy.spatial import cKDTree
-
-    rng = np.random.default_rng(seed)
-    pa = trimesh.sample.sample_surface(a, num_points, seed=int(rng.integers(1 << 31)))[0]
-    pb = trimesh.sample.sample_surface(b, num_points, seed=int(rng.integers(1 << 31)))[0]
-    return float(cKDTree(pb).query(pa)[0].mean() + cKDTree(pa).query(pb)[0].mean())
-
-
-def nearest_family(mesh, attributes: dict, families, reference_meshes_for) -> str:
-    best, best_distance = None, float("inf")
-    for family in families:
-        try:
-            references = reference_meshes_for(family, attributes, num_variants=2)
-        except ValueError:  # the attributes do not exist for this family (e.g. thickness of a box)
-            continue
-        distance = min(chamfer(mesh, reference) for reference in references)
-        if distance < best_distance:
-            best, best_distance = family, distance
-    return best
 
 
 def main(argv=None) -> int:
-    from cgmllm import CGMLLMPipeline, normalize_mesh
-    from cgmllm.training.tiny_world import FAMILIES, classify_proportion, load_tiny_world, reference_meshes_for
+    from cgmllm import CGMLLMPipeline
+    from cgmllm.cli import default_model_dir
+    from cgmllm.training.tiny_world import load_tiny_world
+    from cgmllm.training.tiny_world_eval import (
+        heldout_rows,
+        shape_to_caption,
+        single_shape_rows,
+        text_to_shape,
+        vae_reconstruction,
+    )
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="saved CGMLLMPipeline folder")
-    parser.add_argument("--data", required=True, help="tiny-world data folder")
-    parser.add_argument("--num", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None, help="saved CGMLLMPipeline folder (default: the shipped tiny world)")
+    parser.add_argument("--data", default=None, help="tiny-world data folder (default: rebuild the held-out split)")
+    parser.add_argument("--num", type=int, default=40, help="held-out prompts / meshes per measurement")
+    parser.add_argument("--num-token", type=int, default=10, help="prompts of the block vs token comparison")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--octree-resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--subset", choices=("all", "novel", "seen"), default="all",
-                        help="held-out samples of unseen attribute combinations, of seen ones, or both")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--verbose", action="store_true", help="print every prompt and caption")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    pipe = CGMLLMPipeline.from_pretrained(args.model)
+    model = args.model or default_model_dir()
+    if model is None:
+        parser.error("no --model given and no shipped tiny-world checkpoint found")
+    pipe = CGMLLMPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_tiny_world(args.data, "test")
-    wanted = {"all": (True, False), "novel": (True,), "seen": (False,)}[args.subset]
-    single = [row for row in dataset if row["family"] in FAMILIES and bool(row["novel_combination"]) in wanted]
-    single = single[: args.num]
-    families = list(FAMILIES)
-
-    family_hits = proportion_hits = proportion_total = caption_hits = 0
+    test = load_tiny_world(args.data, "test") if args.data else heldout_rows()
+    rows = single_shape_rows(test, args.num)
+    novel, seen = single_shape_rows(test, args.num, "novel"), single_shape_rows(test, args.num, "seen")
+    generate = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                    octree_resolution=args.octree_resolution, seed=args.seed, verbose=args.verbose)
     start = time.perf_counter()
-    for index, row in enumerate(single):
-        attributes = {k: row[k] for k in ("proportion", "thickness", "orientation") if row.get(k) is not None}
-        out = pipe(row["caption"], num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                   octree_resolution=args.octree_resolution,
-                   generator=torch.Generator().manual_seed(args.seed + index))
-        mesh = normalize_mesh(out.mesh)[0]
-        predicted = nearest_family(mesh, attributes, families, reference_meshes_for)
-        family_hits += predicted == row["family"]
-        if "proportion" in attributes:
-            proportion_total += 1
-            proportion_hits += classify_proportion(mesh) == attributes["proportion"]
-        caption = pipe.caption(mesh=row["mesh"], max_new_tokens=24)[0]
-        caption_hits += row["family"] in caption
-        print(f"{index:3d} {row['caption']!r:45} -> {predicted:10} | caption {caption!r}")
-    n = len(single)
-    print(f"\n{n} held-out prompts ({args.subset}), {args.steps} steps, CFG {args.guidance_scale}, {time.perf_counter() - start:.0f}s")
+
+    table = []
+    vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution)
+    table += [(f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
+              ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}")]
+    for name, subset in (("all", rows), ("novel combinations", novel), ("seen combinations", seen)):
+        if args.verbose:
+            print(f"text -> 3D, {name}:")
+        result = text_to_shape(pipe, subset, **generate)
+        table += [(f"text->3D family accuracy, {name} ({result['count']})", f"{result['family_accuracy']:.0%}"),
+                  (f"text->3D proportion accuracy, {name}", f"{result['proportion_accuracy']:.0%}"),
+                  (f"text->3D orientation accuracy, {name}", f"{result['orientation_accuracy']:.0%}")]
+    if args.verbose:
+        print("mesh -> caption:")
+    captions = shape_to_caption(pipe, rows, verbose=args.verbose)
+    table += [(f"mesh->caption family-word accuracy ({captions['count']})", f"{captions['family_word_accuracy']:.0%}"),
+              ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
+              ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+
+    few = rows[: args.num_token]
+    block = text_to_shape(pipe, few, **{**generate, "verbose": False}, batch_size=1)
+    token = text_to_shape(pipe, few, **{**generate, "verbose": False}, batch_size=1, shape_block_size=1)
+    table += [(f"block (K = N) generation: s per shape / family accuracy ({len(few)})",
+               f"{block['seconds'] / len(few):.2f} s / {block['family_accuracy']:.0%}"),
+              ("token-by-token (K = 1) generation: s per shape / family accuracy",
+               f"{token['seconds'] / len(few):.2f} s / {token['family_accuracy']:.0%}"),
+              ("token-by-token / block time ratio", f"{token['seconds'] / max(block['seconds'], 1e-9):.1f}x")]
+
+    print(f"\n{Path(model).name}: {args.steps} Euler steps, CFG {args.guidance_scale}, octree "
+          f"{args.octree_resolution}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all")
     print("| metric | value |\n|---|---|")
-    print(f"| text->3D family accuracy (nearest reference family) | {family_hits / n:.0%} |")
-    if proportion_total:
-        print(f"| text->3D proportion accuracy | {proportion_hits / proportion_total:.0%} ({proportion_total}) |")
-    print(f"| mesh->caption family-word accuracy | {caption_hits / n:.0%} |")
+    for name, value in table:
+        print(f"| {name} | {value} |")
     return 0
 
 

@@ -289,3 +289,10 @@ def test_config_errors_name_the_key_or_stage(tmp_path):
     assert [s.num_shape_tokens for s in stages] == [512, 512, 1024, 2048, 4096]
     assert [round(s.condition_dropout, 4) for s in stages] == [0.9, 0.9, 0.6333, 0.3667, 0.1]
     assert stages[-1].learning_rate == pytest.approx(5e-5)
+    assert [s.max_steps for s in stages] == [-1] * 5
+    stages = expand_stages([{"name": "s2", "kind": "progressive", "num_shape_tokens": [16, 32, 64],
+                             "condition_dropout": 0.1, "learning_rate": 1e-3, "max_steps": [100, 200, 400]}])
+    assert [s.max_steps for s in stages] == [100, 200, 400]
+    with pytest.raises(ValueError, match="'s2'.*'max_steps'"):
+        expand_stages([{"name": "s2", "kind": "progressive", "num_shape_tokens": [16, 32, 64],
+                        "condition_dropout": 0.1, "learning_rate": 1e-3, "max_steps": [1, 2, 3, 4]}])

@@ -13,6 +13,27 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "hub_cards" / "model_card.md"
 PIPELINE_TAGS = ("text-to-3d", "image-to-3d")
 
+DEFAULT_USAGE = """```python
+import torch
+from cgmllm.pipelines import CGMLLMPipeline
+
+pipe = CGMLLMPipeline.from_pretrained("{repo_id}")   # without the package: DiffusionPipeline + trust_remote_code=True
+pipe.to("cuda", torch.bfloat16)
+
+# text -> 3D and image -> 3D
+pipe("a red sports car", num_inference_steps=50, guidance_scale=7.5,
+     generator=torch.Generator().manual_seed(42)).mesh.export("car.glb")
+pipe(image="car.png").mesh.export("car_from_image.glb")
+
+# 3D -> text and image -> text
+print(pipe.caption(mesh="car.glb"))
+print(pipe.caption(image="car.png"))
+```"""
+
+DEFAULT_TRAINING = """Trained with `cgmllm-train` (`transformers.Trainer`): stage 1 alignment at 512 latent tokens with 90% condition
+dropout, stage 2 progressive resolution 512 → 1024 → 2048 → 4096 with dropout 90% → 10% and learning rate
+1e-4 → 5e-5. The ShapeVAE is frozen throughout."""
+
 
 def model_card_data(base_model: str = "Qwen/Qwen3-VL-2B-Instruct", pipeline_tag: str = "text-to-3d",
                     license: str = "apache-2.0", datasets=None, tags=None) -> ModelCardData:
@@ -31,8 +52,12 @@ def model_card_data(base_model: str = "Qwen/Qwen3-VL-2B-Instruct", pipeline_tag:
 
 
 def render_model_card(repo_id: str, model_name: str | None = None, model_description: str = "",
-                      training_summary: str = "", template_path=None, **card_data_kwargs) -> ModelCard:
-    """A `ModelCard` from the template; `card_data_kwargs` go to [`model_card_data`]."""
+                      training_summary: str = "", usage: str = "", evaluation: str = "", template_path=None,
+                      **card_data_kwargs) -> ModelCard:
+    """A `ModelCard` from the template; `card_data_kwargs` go to [`model_card_data`].
+
+    `usage` (Markdown, default: text/image -> 3D and captioning on a GPU), `training_summary` (default: the
+    paper's stage schedule) and `evaluation` (a section only when given) fill the card's sections."""
     template = Path(template_path or TEMPLATE_PATH)
     if not template.is_file():
         raise ValueError(f"Model card template {template} not found.")
@@ -42,7 +67,9 @@ def render_model_card(repo_id: str, model_name: str | None = None, model_descrip
         repo_id=repo_id,
         model_name=model_name or repo_id.split("/")[-1],
         model_description=model_description or "A CG-MLLM pipeline (text/image -> 3D mesh, 3D/image -> text).",
-        training_summary=training_summary or "See the training configuration in this repository.",
+        training_summary=training_summary or DEFAULT_TRAINING,
+        usage=usage or DEFAULT_USAGE.format(repo_id=repo_id),
+        evaluation=evaluation,
     )
 
 

@@ -12,7 +12,7 @@
         num_shape_tokens: [512, 1024, 2048, 4096]
         condition_dropout: [0.9, 0.1]
         learning_rate: [1.0e-4, 5.0e-5]
-        max_steps: 1000             # per sub-stage
+        max_steps: [500, 1000, 1000, 2000]   # per sub-stage (or one value for all)
 
 Every stage starts from the weights the previous one ended with. Checks (each a `ValueError` naming the key or
 stage): unknown keys, alignment after progressive, resolutions going down, dropout going up.
@@ -84,12 +84,14 @@ def expand_stages(stage_configs: list[dict]) -> list[Stage]:
             raise ValueError(f"Stage {name!r}: an alignment stage has a single `num_shape_tokens`, got {tokens}.")
         dropouts = _interpolate(raw["condition_dropout"], len(tokens), "condition_dropout", name)
         rates = _interpolate(raw["learning_rate"], len(tokens), "learning_rate", name)
+        # Step counts may also differ per resolution (higher N is harder: give it more steps).
+        steps = [int(s) for s in _interpolate(raw.get("max_steps", -1), len(tokens), "max_steps", name)]
         extra = {key: raw[key] for key in STAGE_KEYS - {"name", "kind", "num_shape_tokens", "condition_dropout",
-                                                         "learning_rate"} if key in raw}
-        for i, (n, dropout, lr) in enumerate(zip(tokens, dropouts, rates)):
+                                                         "learning_rate", "max_steps"} if key in raw}
+        for i, (n, dropout, lr, max_steps) in enumerate(zip(tokens, dropouts, rates, steps)):
             sub_name = name if len(tokens) == 1 else f"{name}-{n}"
             stages.append(Stage(name=sub_name, kind=kind, num_shape_tokens=n, condition_dropout=float(dropout),
-                                learning_rate=float(lr), **extra))
+                                learning_rate=float(lr), max_steps=max_steps, **extra))
     _check_order(stages)
     return stages
 

@@ -59,7 +59,7 @@ def run_recipe(args) -> dict:
 
     start = time.perf_counter()
     vae_metrics = train_vae_main([
-        "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps),
+        "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
         "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(args.embed_dim),
         "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--num-near", str(args.num_near),
         "--num-uniform", str(args.num_uniform), "--queries-per-step", str(args.queries_per_step),
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-heldout", type=int, default=200)
     parser.add_argument("--images", action="store_true", help="render the image column of the data set")
     parser.add_argument("--rebuild", action="store_true", help="rebuild OUT/data even if it exists")
-    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=8000)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-width", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--embed-dim", type=int, default=8, help="latent channels (= model shape_latent_channels)")

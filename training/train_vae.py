@@ -82,14 +82,25 @@ def precompute_samples(
 
 
 def build_vae(num_latents: int, embed_dim: int, width: int, heads: int, encoder_layers: int, decoder_layers: int,
-              num_points: int, downsample_ratio: int, num_freqs: int = 8):
+              num_points: int, downsample_ratio: int, num_freqs: int = 8, init_logvar: float | None = -6.0):
+    """A fresh ShapeVAE for training from scratch.
+
+    `init_logvar` sets the initial log-variance of the posterior (the `pre_kl` bias of its second half). With the
+    default PyTorch init the posterior starts at std ~1, so early decoder inputs are mostly noise and the mean they
+    are evaluated at differs from what was trained on: on 16 tiny-world shapes, 300 full-batch steps reach a volume
+    IoU of 0.45 from std 1 and 0.85 from std e^-3 (the KL term still regularises the posterior afterwards).
+    """
     from cgmllm.modeling_shape_vae import ShapeVAE
 
     num_sharp = num_points // 2
-    return ShapeVAE(num_latents=num_latents, embed_dim=embed_dim, width=width, heads=heads,
-                    num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers, num_freqs=num_freqs,
-                    pc_size=num_points - num_sharp, pc_sharpedge_size=num_sharp, downsample_ratio=downsample_ratio,
-                    scale_factor=1.0)
+    vae = ShapeVAE(num_latents=num_latents, embed_dim=embed_dim, width=width, heads=heads,
+                   num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers, num_freqs=num_freqs,
+                   pc_size=num_points - num_sharp, pc_sharpedge_size=num_sharp, downsample_ratio=downsample_ratio,
+                   scale_factor=1.0)
+    if init_logvar is not None:
+        with torch.no_grad():
+            vae.pre_kl.bias[embed_dim:] = init_logvar
+    return vae
 
 
 @torch.no_grad()
@@ -139,7 +150,7 @@ def train_vae(args) -> dict:
 
     torch.manual_seed(args.seed)
     vae = build_vae(args.num_latents, args.embed_dim, args.width, args.heads, args.encoder_layers,
-                    args.decoder_layers, num_points, args.downsample_ratio, args.num_freqs).train()
+                    args.decoder_layers, num_points, args.downsample_ratio, args.num_freqs, args.init_logvar).train()
     print(f"ShapeVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.num_latents} latents")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -204,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--encoder-layers", type=int, default=1)
     parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--init-logvar", type=float, default=-6.0,
+                        help="initial posterior log-variance (see build_vae); the PyTorch default init is ~0")
     parser.add_argument("--num-freqs", type=int, default=8, help="Fourier frequencies of the point embedding")
     parser.add_argument("--downsample-ratio", type=int, default=8, help="surface points per latent")
     parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")

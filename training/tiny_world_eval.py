@@ -1,0 +1,180 @@
+"""Quality of a CG-MLLM pipeline on the tiny world: the measurements behind `benchmarks/eval_tiny_world.py`.
+
+Each function takes a `CGMLLMPipeline` and held-out rows of `load_tiny_world(..., "test")` and returns plain
+numbers, so the benchmark prints them as a table and the test suite checks a floor on the shipped checkpoint.
+
+* `vae_reconstruction`   ShapeVAE round trip of ground-truth meshes: volume IoU and Chamfer distance;
+* `text_to_shape`        generate from the captions; family accuracy (`classify_family`), proportion and
+                         orientation accuracy (`classify_proportion` / `classify_orientation` against the same
+                         classifiers on the ground-truth mesh);
+* `shape_to_caption`     caption the ground-truth meshes; family-word accuracy, BLEU-1 and ROUGE-L (PointLLM's
+                         protocol: nltk `sentence_bleu` weights (1, 0, 0, 0) with smoothing method1, the `rouge`
+                         package's ROUGE-L F, both x100) against the sample's paraphrases as references.
+"""
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import trimesh
+
+from ..mesh_utils import normalize_mesh, occupancy
+from .tiny_world import (
+    FAMILIES,
+    classify_family,
+    classify_orientation,
+    classify_proportion,
+    make_tiny_world_specs,
+    split_combinations,
+)
+
+
+def heldout_rows(num_train: int = 2000, num_heldout: int = 200, seed: int = 0) -> list[dict]:
+    """The held-out (`test`) split as `load_tiny_world` rows, rebuilt from the specs without writing files.
+
+    Same specs (and so the same meshes and captions) as `build_tiny_world_dataset` with the same arguments; the
+    rows carry `caption`, `captions` (every paraphrase), `family`, the attributes, `novel_combination` and the
+    ground-truth `mesh`.
+    """
+    novel = {spec.combination for spec in split_combinations(seed).novel}
+    rows = []
+    for spec in make_tiny_world_specs(num_train, num_heldout, seed)["test"]:
+        row = {"caption": spec.caption(), "captions": spec.captions(), "family": spec.family,
+               "novel_combination": spec.combination in novel, "mesh": spec.to_mesh()}
+        row.update({name: spec.attributes.get(name) for name in ("proportion", "thickness", "orientation")})
+        rows.append(row)
+    return rows
+
+
+def single_shape_rows(dataset, num: int | None = None, subset: str = "all") -> list[dict]:
+    """The first `num` single-shape rows (compositions have no family to classify) of a tiny-world split;
+    `subset` keeps the novel attribute combinations (`"novel"`), the seen ones (`"seen"`) or both (`"all"`)."""
+    if subset not in ("all", "novel", "seen"):
+        raise ValueError(f"subset must be 'all', 'novel' or 'seen', got {subset!r}.")
+    wanted = {"all": (True, False), "novel": (True,), "seen": (False,)}[subset]
+    rows = [row for row in dataset if row["family"] in FAMILIES and bool(row["novel_combination"]) in wanted]
+    return rows[:num] if num else rows
+
+
+def row_attributes(row: dict) -> dict[str, str]:
+    return {name: row[name] for name in ("proportion", "thickness", "orientation") if row.get(name) is not None}
+
+
+def _chamfer(a: trimesh.Trimesh, b: trimesh.Trimesh, num_points: int = 4096, seed: int = 0) -> float:
+    """Symmetric mean nearest-neighbour distance between surface samples, in the shared normalised frame."""
+    from scipy.spatial import cKDTree
+
+    pa = trimesh.sample.sample_surface(a, num_points, seed=seed)[0]
+    pb = trimesh.sample.sample_surface(b, num_points, seed=seed + 1)[0]
+    return float(cKDTree(pb).query(pa)[0].mean() + cKDTree(pa).query(pb)[0].mean())
+
+
+@torch.no_grad()
+def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, num_queries: int = 20000,
+                       seed: int = 0) -> dict[str, float]:
+    """Encode every ground-truth mesh (`pipe.encode_mesh`, the posterior mean) and decode it again.
+
+    Returns the mean volume IoU (occupancy of `num_queries` uniform points in the VAE cube, ground truth by
+    winding number vs. decoded field > 0) and the mean Chamfer distance between the decoded and the ground-truth
+    surface, both meshes normalised to the VAE cube `[-1, 1]^3` as the processor does.
+    """
+    rng = np.random.default_rng(seed)
+    ious, chamfers = [], []
+    for row in rows:
+        truth = normalize_mesh(row["mesh"])[0]
+        latents = pipe.encode_mesh(row["mesh"])
+        points = rng.uniform(-1.0, 1.0, size=(num_queries, 3)).astype(np.float32)
+        features = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype))
+        predicted = pipe.vae.query(features, torch.from_numpy(points)[None].to(features))[0].float().cpu().numpy() > 0
+        inside = occupancy(truth, points) > 0.5
+        union = (predicted | inside).sum()
+        ious.append(float((predicted & inside).sum() / union) if union else 1.0)
+        decoded = pipe.vae.latents_to_mesh(latents, octree_resolution=octree_resolution)[0]
+        chamfers.append(_chamfer(decoded, truth) if len(decoded.faces) else float("nan"))
+    return {"iou": float(np.mean(ious)), "chamfer": float(np.nanmean(chamfers)), "count": len(rows)}
+
+
+@torch.no_grad()
+def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, guidance_scale: float = 4.0,
+                  octree_resolution: int = 64, seed: int = 0, batch_size: int = 10, shape_block_size=None,
+                  verbose: bool = False) -> dict:
+    """Generate one shape per row from its canonical caption (row `i` with generator seed `seed + i`) and score it.
+
+    Returns `family_accuracy`, `proportion_accuracy` and `orientation_accuracy` (each over the rows where the
+    ground-truth mesh has that property), the per-row `predictions`, and `seconds` spent generating.
+    """
+    predictions, family_hits = [], 0
+    proportion = [0, 0]
+    orientation = [0, 0]
+    seconds = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        tick = time.perf_counter()
+        output = pipe([row["caption"] for row in batch], num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, octree_resolution=octree_resolution, generator=generators,
+                      shape_block_size=shape_block_size)
+        seconds += time.perf_counter() - tick
+        for row, mesh in zip(batch, output.meshes):
+            truth = row["mesh"]
+            empty = mesh is None or len(mesh.faces) == 0
+            family = None if empty else classify_family(mesh, row_attributes(row))
+            family_hits += family == row["family"]
+            if row.get("proportion") is not None:
+                proportion[1] += 1
+                proportion[0] += not empty and classify_proportion(mesh) == row["proportion"]
+            expected_pose = classify_orientation(truth)
+            if expected_pose is not None:
+                orientation[1] += 1
+                orientation[0] += not empty and classify_orientation(mesh) == expected_pose
+            predictions.append({"caption": row["caption"], "family": row["family"], "predicted": family})
+            if verbose:
+                print(f"  {row['caption']!r:48} -> {family}", flush=True)
+    return {
+        "family_accuracy": family_hits / max(len(rows), 1),
+        "proportion_accuracy": proportion[0] / proportion[1] if proportion[1] else float("nan"),
+        "orientation_accuracy": orientation[0] / orientation[1] if orientation[1] else float("nan"),
+        "count": len(rows),
+        "seconds": seconds,
+        "predictions": predictions,
+    }
+
+
+def caption_scores(candidate: str, references: Sequence[str]) -> tuple[float, float]:
+    """BLEU-1 and ROUGE-L F (x100) of one caption against its references, as PointLLM scores captions (an empty
+    caption is scored as `"##"`). BLEU-1 takes all references at once; ROUGE-L is the best over the references."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge import Rouge
+
+    candidate = candidate.strip() or "##"
+    bleu = sentence_bleu([ref.split() for ref in references], candidate.split(), weights=(1, 0, 0, 0),
+                         smoothing_function=SmoothingFunction().method1)
+    rouge = max(Rouge().get_scores(candidate, ref)[0]["rouge-l"]["f"] for ref in references)
+    return 100.0 * bleu, 100.0 * rouge
+
+
+def names_family(caption: str, family: str) -> bool:
+    """Whether a caption names the family with one of its nouns ("a cube" names a box)."""
+    words = f" {caption.lower()} "
+    return any(f" {noun} " in words or f" {noun}," in words for noun in FAMILIES[family].all_nouns())
+
+
+@torch.no_grad()
+def shape_to_caption(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 10,
+                     verbose: bool = False) -> dict:
+    """Caption the ground-truth meshes; family-word accuracy, mean BLEU-1 and ROUGE-L (x100)."""
+    hits, bleus, rouges, captions = 0, [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        for row, caption in zip(batch, pipe.caption(mesh=[row["mesh"] for row in batch],
+                                                    max_new_tokens=max_new_tokens)):
+            hits += names_family(caption, row["family"])
+            bleu, rouge = caption_scores(caption, row["captions"] or [row["caption"]])
+            bleus.append(bleu)
+            rouges.append(rouge)
+            captions.append(caption)
+            if verbose:
+                print(f"  {row['caption']!r:48} <- {caption!r}", flush=True)
+    return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": float(np.mean(bleus)),
+            "rouge_l": float(np.mean(rouges)), "count": len(rows), "captions": captions}
