@@ -35,7 +35,7 @@ dropout, stage 2 progressive resolution 512 → 1024 → 2048 → 4096 with drop
 1e-4 → 5e-5. The ShapeVAE is frozen throughout."""
 
 
-def model_card_data(base_model: str = "Qwen/Qwen3-VL-2B-Instruct", pipeline_tag: str = "text-to-3d",
+def model_card_data(base_model: str | None = "Qwen/Qwen3-VL-2B-Instruct", pipeline_tag: str = "text-to-3d",
                     license: str = "apache-2.0", datasets=None, tags=None) -> ModelCardData:
     if pipeline_tag not in PIPELINE_TAGS:
         raise ValueError(f"pipeline_tag must be one of {PIPELINE_TAGS}, got {pipeline_tag!r}.")

@@ -49,11 +49,19 @@ def heldout_rows(num_train: int = 2000, num_heldout: int = 200, seed: int = 0) -
 
 def single_shape_rows(dataset, num: int | None = None, subset: str = "all") -> list[dict]:
     """The first `num` single-shape rows (compositions have no family to classify) of a tiny-world split;
-    `subset` keeps the novel attribute combinations (`"novel"`), the seen ones (`"seen"`) or both (`"all"`)."""
+    `subset` keeps the novel attribute combinations (`"novel"`), the seen ones (`"seen"`) or both (`"all"`,
+    alternating novel and seen rows so that any `num` is a balanced mix: the split lists the novel ones first)."""
     if subset not in ("all", "novel", "seen"):
         raise ValueError(f"subset must be 'all', 'novel' or 'seen', got {subset!r}.")
-    wanted = {"all": (True, False), "novel": (True,), "seen": (False,)}[subset]
-    rows = [row for row in dataset if row["family"] in FAMILIES and bool(row["novel_combination"]) in wanted]
+    singles = [row for row in dataset if row["family"] in FAMILIES]
+    novel = [row for row in singles if row["novel_combination"]]
+    seen = [row for row in singles if not row["novel_combination"]]
+    if subset == "all":
+        rows = [row for pair in zip(novel, seen) for row in pair]
+        shorter = min(len(novel), len(seen))
+        rows += novel[shorter:] + seen[shorter:]
+    else:
+        rows = novel if subset == "novel" else seen
     return rows[:num] if num else rows
 
 

@@ -1,0 +1,988 @@
+"""CG-MLLM: a Qwen3-VL whose decoder is a Mixture of Transformers bound by generation mode.
+
+Reading order follows the data: timestep embedder -> expert routing -> MoT attention -> MoT decoder layer ->
+text model -> multimodal model (vision tower, shape connector, 3D rope) -> generation head model.
+
+Two parameter sets per decoder layer:
+    TokenAR  = the original Qwen3-VL weights and names (`q_proj`, `mlp`, `input_layernorm`, ...), used by text and
+               image rows, so a Qwen3-VL state dict loads into it unchanged;
+    BlockAR  = a copy with a `_block_ar` suffix (`q_proj_block_ar`, `mlp_block_ar`, ...), used by 3D latent rows.
+Attention is one joint attention over all rows; only projections, norms and MLPs are per expert.
+"""
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLModel,
+    Qwen3VLPreTrainedModel,
+    Qwen3VLTextMLP,
+    Qwen3VLTextModel,
+    Qwen3VLTextRMSNorm,
+    Qwen3VLTextRotaryEmbedding,
+    Qwen3VLVisionModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput, logging
+
+from .configuration_cgmllm import CGMLLMConfig
+from .masking_cgmllm import check_attention_implementation, create_hybrid_attention_mask
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CGMLLMModelOutputWithPast(ModelOutput):
+    """Output of [`CGMLLMModel`].
+
+    Args:
+        last_hidden_state: `(batch, seq_len, hidden)` after the per-expert final norm.
+        cache: the KV cache.
+        shape_row_mask: `(batch, seq_len)` True at latent rows (`<|obj_pad|>` tokens).
+        shape_timesteps: `(num_latent_rows,)` the flow time of every latent row.
+        velocity_target: `(num_latent_rows, channels)` `noise - x0` where noise was drawn, else None.
+        flow_loss_mask: `(num_latent_rows,)` True where a flow-matching loss applies.
+        position_ids: `(3, batch, seq_len)` the mRoPE ids that were used.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    shape_row_mask: torch.BoolTensor | None = None
+    shape_timesteps: torch.FloatTensor | None = None
+    velocity_target: torch.FloatTensor | None = None
+    flow_loss_mask: torch.BoolTensor | None = None
+    position_ids: torch.LongTensor | None = None
+
+
+@dataclass
+class CGMLLMCausalLMOutputWithPast(ModelOutput):
+    """Output of [`CGMLLMForConditionalGeneration`].
+
+    Args:
+        loss: `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` over the terms that are present.
+        lm_loss: next-token cross-entropy over the `labels` that are not -100.
+        flow_loss: flow-matching MSE (mean over channels, then over target latent rows).
+        logits: `(batch, seq_len or logits_to_keep, vocab)`.
+        velocity: `(num_latent_rows, channels)` predicted velocity of every latent row, in row-major order.
+        velocity_target: `(num_latent_rows, channels)` `noise - x0` when the forward drew the noise itself.
+        flow_loss_mask: `(num_latent_rows,)` True where the flow loss applies.
+        shape_timesteps: `(num_latent_rows,)` flow time of every latent row.
+        cache: the KV cache.
+        position_ids: `(3, batch, seq_len)` the mRoPE ids used (handy to continue a cached sequence).
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    flow_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    velocity: torch.FloatTensor | None = None
+    velocity_target: torch.FloatTensor | None = None
+    flow_loss_mask: torch.BoolTensor | None = None
+    shape_timesteps: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    position_ids: torch.LongTensor | None = None
+
+
+class CGMLLMTimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features -> MLP (DiT style). Added to the latent rows' input embeddings (no AdaLN).
+
+    `t` is the continuous flow time in [0, 1] (not multiplied by 1000). Features are ordered [cos, sin].
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+        # `mlp.0` / `mlp.2` are the official key names (mlp.1 is the parameter-free SiLU).
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def timestep_features(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """`(n,)` -> `(n, frequency_embedding_size)`."""
+        half = self.frequency_embedding_size // 2
+        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        freqs = torch.exp(exponent / half)
+        args = timesteps.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        features = self.timestep_features(timesteps).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class ExpertRouting:
+    """Sends each row of a `(batch, seq_len, dim)` tensor to its expert.
+
+    `block_ar_mask` is True at 3D latent rows (BlockAR) and False elsewhere (TokenAR). When a forward holds one kind
+    of row only (plain text, or a denoising query without markers) the whole tensor goes to one expert, without any
+    gather/scatter, which keeps the TokenAR path bit-identical to Qwen3-VL.
+    """
+
+    def __init__(self, block_ar_mask: torch.BoolTensor):
+        self.block_ar_mask = block_ar_mask
+        flat = block_ar_mask.reshape(-1)
+        self.num_block_ar = int(flat.sum())
+        self.num_rows = flat.numel()
+        if 0 < self.num_block_ar < self.num_rows:
+            self.block_ar_index = flat.nonzero().squeeze(-1)
+            self.token_ar_index = (~flat).nonzero().squeeze(-1)
+
+    def __call__(self, hidden_states: torch.Tensor, token_ar_fn: Callable, block_ar_fn: Callable) -> torch.Tensor:
+        if self.num_block_ar == 0:
+            return token_ar_fn(hidden_states)
+        if self.num_block_ar == self.num_rows:
+            return block_ar_fn(hidden_states)
+        leading_shape = hidden_states.shape[:-1]
+        flat = hidden_states.reshape(self.num_rows, hidden_states.shape[-1])
+        token_rows = token_ar_fn(flat.index_select(0, self.token_ar_index))
+        block_rows = block_ar_fn(flat.index_select(0, self.block_ar_index))
+        out = token_rows.new_zeros(self.num_rows, *token_rows.shape[1:])
+        out = out.index_copy(0, self.token_ar_index, token_rows).index_copy(0, self.block_ar_index, block_rows)
+        return out.reshape(*leading_shape, *token_rows.shape[1:])
+
+
+class CGMLLMTextAttention(nn.Module):
+    """Qwen3-VL attention with a second (BlockAR) set of q/k/v/o projections and q/k norms.
+
+    Rows are projected by their own expert, then one joint attention runs over the whole sequence.
+    """
+
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+
+        # TokenAR: the original Qwen3-VL names.
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias)
+        self.q_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # BlockAR: same shapes, `_block_ar` suffix (the official CG-MLLM key names).
+        self.q_proj_block_ar = nn.Linear(config.hidden_size, q_dim, bias=bias)
+        self.k_proj_block_ar = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj_block_ar = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.o_proj_block_ar = nn.Linear(q_dim, config.hidden_size, bias=bias)
+        self.q_norm_block_ar = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm_block_ar = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def _qkv(self, rows: torch.Tensor, block_ar: bool) -> torch.Tensor:
+        """`(..., hidden)` -> `(..., (heads + 2 * kv_heads) * head_dim)` with q/k already normed."""
+        suffix = "_block_ar" if block_ar else ""
+        q_proj, k_proj, v_proj = (getattr(self, f"{n}_proj{suffix}") for n in "qkv")
+        q_norm, k_norm = getattr(self, f"q_norm{suffix}"), getattr(self, f"k_norm{suffix}")
+        query = q_norm(q_proj(rows).unflatten(-1, (self.num_heads, self.head_dim)))
+        key = k_norm(k_proj(rows).unflatten(-1, (self.num_key_value_heads, self.head_dim)))
+        value = v_proj(rows).unflatten(-1, (self.num_key_value_heads, self.head_dim))
+        return torch.cat([query, key, value], dim=-2).flatten(-2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask,
+        routing: ExpertRouting,
+        cache: Cache | None = None,
+        update_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = routing(hidden_states, lambda r: self._qkv(r, False), lambda r: self._qkv(r, True))
+        qkv = qkv.view(batch_size, seq_len, self.num_heads + 2 * self.num_key_value_heads, self.head_dim)
+        # (batch, heads, seq_len, head_dim)
+        query_states, key_states, value_states = qkv.transpose(1, 2).split(
+            [self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1
+        )
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            if update_cache:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            else:
+                # Read-only cache: the denoising block attends to the cached prompt without being written into it.
+                layer = cache.layers[self.layer_idx]
+                if layer.keys is not None and layer.keys.numel() > 0:
+                    key_states = torch.cat([layer.keys, key_states], dim=-2)
+                    value_states = torch.cat([layer.values, value_states], dim=-2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
+        return routing(attn_output, self.o_proj, self.o_proj_block_ar)
+
+
+class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer with per-expert norms and MLPs around the joint attention."""
+
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = CGMLLMTextAttention(config=config, layer_idx=layer_idx)
+        self.mlp = Qwen3VLTextMLP(config)
+        self.input_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp_block_ar = Qwen3VLTextMLP(config)
+        self.input_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask=None,
+        routing: ExpertRouting | None = None,
+        cache: Cache | None = None,
+        update_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_block_ar)
+        hidden_states = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            routing=routing,
+            cache=cache,
+            update_cache=update_cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = routing(
+            hidden_states,
+            lambda r: self.mlp(self.post_attention_layernorm(r)),
+            lambda r: self.mlp_block_ar(self.post_attention_layernorm_block_ar(r)),
+        )
+        return residual + hidden_states
+
+
+class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
+    config_class = CGMLLMConfig
+    config: CGMLLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["CGMLLMTextDecoderLayer", "Qwen3VLVisionBlock"]
+    _supports_flash_attn = False  # the hybrid mask needs sdpa / eager / flex
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False
+    _can_record_outputs = {}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CGMLLMForConditionalGeneration):
+            # Zero-initialised velocity head: training starts from v = 0 (the paper's and official code's choice).
+            init.zeros_(module.llm2obj.weight)
+            init.zeros_(module.llm2obj.bias)
+        elif isinstance(module, Qwen3VLTextRotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+
+
+class CGMLLMTextModel(CGMLLMPreTrainedModel):
+    """The Mixture-of-Transformers text decoder (Qwen3-VL text model with BlockAR experts and DeepStack)."""
+
+    config_class = Qwen3VLTextConfig
+    config: Qwen3VLTextConfig
+
+    def __init__(self, config: Qwen3VLTextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [CGMLLMTextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3VLTextRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask=None,
+        routing: ExpertRouting | None = None,
+        cache: Cache | None = None,
+        update_cache: bool = True,
+        visual_pos_masks: torch.Tensor | None = None,
+        deepstack_visual_embeds: list[torch.Tensor] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            inputs_embeds: `(batch, seq_len, hidden)`.
+            position_ids: `(3, batch, seq_len)` mRoPE ids.
+            attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
+            routing: which rows use BlockAR; defaults to all TokenAR.
+            update_cache: False keeps `cache` read-only (denoising steps).
+        """
+        if routing is None:
+            routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool))
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                routing=routing,
+                cache=cache,
+                update_cache=update_cache,
+                **kwargs,
+            )
+            if deepstack_visual_embeds is not None and layer_idx < len(deepstack_visual_embeds):
+                # DeepStack: add the ViT's intermediate features to the visual rows after the first layers
+                # (transformers' own Qwen3-VL helper; it uses no state of its module).
+                hidden_states = Qwen3VLTextModel._deepstack_process(
+                    self, hidden_states, visual_pos_masks, deepstack_visual_embeds[layer_idx]
+                )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+
+        hidden_states = routing(hidden_states, self.norm, self.norm_block_ar)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
+        )
+
+
+class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
+    """Qwen3-VL vision tower + MoT text decoder + the 3D connector (`obj2llm`) and timestep embedder.
+
+    Image handling (`get_image_features`, `get_placeholder_mask`, `get_vision_position_ids`) is inherited from
+    transformers' `Qwen3VLModel`.
+    """
+
+    def __init__(self, config: CGMLLMConfig):
+        CGMLLMPreTrainedModel.__init__(self, config)
+        self.visual = Qwen3VLVisionModel._from_config(config.vision_config)
+        self.language_model = CGMLLMTextModel._from_config(config.text_config)
+        hidden_size = config.text_config.hidden_size
+        self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
+        self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
+        self.rope_deltas = None
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # 3D token bookkeeping
+    # ----------------------------------------------------------------------------------------------------------------
+    def get_shape_block_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Block id per token from the `<|obj_start|> ... <|obj_end|>` spans (markers included), -1 outside.
+
+        `(batch, seq_len)` -> `(batch, seq_len)`; blocks are numbered 0, 1, ... within each row. A span without
+        its `<|obj_end|>` runs to the end of the row (a prompt may end inside a block, e.g. when generating).
+        """
+        config = self.config
+        is_start = input_ids == config.obj_start_token_id
+        is_end = input_ids == config.obj_end_token_id
+        starts_so_far = is_start.long().cumsum(-1)
+        ends_before = is_end.long().cumsum(-1) - is_end.long()
+        depth = starts_so_far - ends_before
+        if bool((depth < 0).any()) or bool((depth > 1).any()):
+            raise ValueError(
+                "Unbalanced 3D markers: every `<|obj_end|>` must close an `<|obj_start|>` and blocks cannot nest."
+            )
+        block_ids = torch.where(depth == 1, starts_so_far - 1, torch.full_like(starts_so_far, -1))
+        outside = (input_ids == config.obj_pad_token_id) & (block_ids < 0)
+        if bool(outside.any()):
+            raise ValueError("Found `<|obj_pad|>` tokens outside an `<|obj_start|> ... <|obj_end|>` span.")
+        return block_ids
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        shape_block_ids: torch.LongTensor | None = None,
+        noisy_shape_mask: torch.BoolTensor | None = None,
+        packed_sample_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """mRoPE ids for text, images and 3D blocks.
+
+        Text advances by one per token; an image follows Qwen3-VL (t = start, h/w = start + grid offsets, then
+        `start + max(h, w) // merge`); every token of a 3D block (markers included) shares one id `r`, after which a
+        clean block advances to `r + 1` while a noisy block does not advance (the official convention). Positions
+        restart at 0 for every packed sample.
+
+        Returns:
+            position_ids `(3, batch, seq_len)` and rope deltas `(batch, 1)` (`max position + 1 - length`).
+        """
+        batch_size, seq_len = input_ids.shape
+        device = input_ids.device
+        if shape_block_ids is None:
+            shape_block_ids = self.get_shape_block_ids(input_ids)
+        if noisy_shape_mask is None:
+            noisy_shape_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_image = input_ids == self.config.image_token_id
+        merge = self.config.vision_config.spatial_merge_size
+        grid_iter = iter(image_grid_thw) if image_grid_thw is not None else None
+
+        position_ids = torch.zeros(3, batch_size, seq_len, dtype=torch.long, device=device)
+        deltas = []
+        # Plain Python lists: one pass per row over run-length segments, no per-token tensor indexing.
+        image_rows = is_image.tolist()
+        block_rows = shape_block_ids.tolist()
+        noisy_rows = noisy_shape_mask.tolist()
+        sample_rows = packed_sample_ids.tolist() if packed_sample_ids is not None else None
+        keep_rows = attention_mask.bool().tolist() if attention_mask is not None else None
+        for b in range(batch_size):
+            columns = range(seq_len) if keep_rows is None else [c for c, k in enumerate(keep_rows[b]) if k]
+            # Run-length segments over (sample, kind, block): kind 0 text, 1 image, 2 3D block.
+            segments = []
+            for col in columns:
+                sample = sample_rows[b][col] if sample_rows is not None else 0
+                block = block_rows[b][col]
+                kind = 2 if block >= 0 else (1 if image_rows[b][col] else 0)
+                key = (sample, kind, block if kind == 2 else -1)
+                if segments and segments[-1][0] == key:
+                    segments[-1][1].append(col)
+                else:
+                    segments.append((key, [col]))
+            current, current_sample, max_position = 0, None, -1
+            for (sample, kind, block), cols in segments:
+                if sample != current_sample:
+                    current, current_sample = 0, sample
+                index = torch.tensor(cols, device=device)
+                if kind == 0:
+                    pos = torch.arange(current, current + len(cols), device=device).expand(3, -1)
+                    current += len(cols)
+                elif kind == 1:
+                    if grid_iter is None:
+                        raise ValueError("Image tokens found in `input_ids` but no `image_grid_thw` was given.")
+                    grid_thw = next(grid_iter)
+                    pos = self.get_vision_position_ids(current, grid_thw, 1, merge, device=device)
+                    if pos.shape[1] != len(cols):
+                        raise ValueError(
+                            f"An image with grid {grid_thw.tolist()} needs {pos.shape[1]} image tokens, but the "
+                            f"sequence has a run of {len(cols)}."
+                        )
+                    current += max(int(grid_thw[1]), int(grid_thw[2])) // merge
+                else:
+                    pos = torch.full((3, len(cols)), current, dtype=torch.long, device=device)
+                    if not noisy_rows[b][cols[0]]:
+                        current += 1
+                position_ids[:, b, index] = pos
+                max_position = max(max_position, int(pos.max()))
+            deltas.append(max_position + 1 - len(columns))
+        return position_ids, torch.tensor(deltas, device=device).unsqueeze(1)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        shape_timesteps: torch.Tensor | None = None,
+        shape_loss_mask: torch.BoolTensor | None = None,
+        shape_block_ids: torch.LongTensor | None = None,
+        packed_sample_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        update_cache: bool = True,
+        output_hidden_states: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> CGMLLMModelOutputWithPast:
+        r"""
+        Args:
+            input_ids: `(batch, seq_len)`; every latent row is an `<|obj_pad|>` token inside an
+                `<|obj_start|> ... <|obj_end|>` span.
+            attention_mask: `(batch, cached + seq_len)` 2D padding mask.
+            position_ids: `(3, batch, seq_len)` or `(4, batch, seq_len)` (row 0 = text positions, ignored); computed
+                with [`~CGMLLMModel.get_rope_index`] when omitted.
+            shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
+                row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
+                noisy `x_t` at those times.
+            shape_timesteps: `(num_latent_rows,)` flow time of every latent row. When omitted, the forward draws a
+                logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
+                target `eps - x0`) and uses `t = 0` (clean, no loss) for the others.
+            shape_loss_mask: `(num_latent_rows,)` bool, which rows are generation targets when timesteps are drawn
+                (default: all).
+            shape_block_ids: `(batch, seq_len)` block id per token (-1 outside blocks); derived from the markers
+                when omitted. Needed only for layouts with several blocks per object.
+            packed_sample_ids: `(batch, seq_len)` id of the packed sample each token belongs to.
+            update_cache: False leaves `past_key_values` untouched (the denoising steps read the prompt cache).
+            generator: optional generator for the drawn timesteps and noise.
+        """
+        cache = kwargs.pop("past_key_values", cache)
+        check_attention_implementation(self.config.text_config._attn_implementation)
+        if input_ids is None:
+            raise ValueError("CG-MLLM needs `input_ids` (3D rows and images are located by their placeholder ids).")
+        if inputs_embeds is not None:
+            raise ValueError("Pass `input_ids`, not `inputs_embeds`: CG-MLLM builds the embeddings itself.")
+        config = self.config
+        batch_size, seq_len = input_ids.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config.text_config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        visual_pos_masks, deepstack_visual_embeds, image_outputs = None, None, None
+        num_image_tokens = int((input_ids == config.image_token_id).sum())
+        if num_image_tokens > 0 and pixel_values is None:
+            raise ValueError(
+                f"`input_ids` contains {num_image_tokens} image tokens but no `pixel_values` were given."
+            )
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("`pixel_values` were given without `image_grid_thw`.")
+            image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            image_embeds = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            if image_embeds.shape[0] != num_image_tokens:
+                raise ValueError(
+                    f"The images produce {image_embeds.shape[0]} visual tokens but `input_ids` holds "
+                    f"{num_image_tokens} image tokens."
+                )
+            image_mask = (input_ids == config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+            visual_pos_masks = input_ids == config.image_token_id
+            deepstack_visual_embeds = [torch.cat(feat, dim=0) for feat in image_outputs.deepstack_features]
+
+        if shape_block_ids is None:
+            shape_block_ids = self.get_shape_block_ids(input_ids)
+        shape_row_mask = input_ids == config.obj_pad_token_id
+        shape_out = self._embed_shape_rows(
+            shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
+        )
+        if shape_out is not None:
+            shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
+            inputs_embeds = inputs_embeds.masked_scatter(
+                shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds.dtype)
+            )
+            noisy_shape_mask = self._noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps)
+        else:
+            velocity_target = flow_loss_mask = None
+            noisy_shape_mask = torch.zeros_like(shape_row_mask)
+
+        # 2. Positions: one id per 3D block, Qwen3-VL grids for images.
+        if position_ids is None:
+            if past_length == 0 or self.rope_deltas is None:
+                keep = attention_mask[:, past_length:] if attention_mask is not None else None
+                position_ids, self.rope_deltas = self.get_rope_index(
+                    input_ids, image_grid_thw, keep, shape_block_ids, noisy_shape_mask, packed_sample_ids
+                )
+            else:
+                # Continuing a cached sequence without explicit positions: plain text after the cache.
+                steps = torch.arange(past_length, past_length + seq_len, device=input_ids.device)
+                position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
+        elif position_ids.ndim == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+
+        # 3. The hybrid mask and the MoT decoder.
+        mask = create_hybrid_attention_mask(
+            config.text_config,
+            inputs_embeds,
+            attention_mask,
+            past_length,
+            shape_block_ids,
+            noisy_shape_mask,
+            packed_sample_ids,
+            cache=cache,
+        )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=mask,
+            routing=ExpertRouting(shape_row_mask),
+            cache=cache,
+            update_cache=update_cache,
+            visual_pos_masks=visual_pos_masks,
+            deepstack_visual_embeds=deepstack_visual_embeds,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        return CGMLLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=cache,
+            hidden_states=outputs.hidden_states,
+            shape_row_mask=shape_row_mask,
+            shape_timesteps=shape_timesteps if shape_out is not None else None,
+            velocity_target=velocity_target,
+            flow_loss_mask=flow_loss_mask,
+            position_ids=position_ids,
+        )
+
+    def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
+                          generator):
+        """Connector input for the latent rows: `obj2llm(x_t) + time_embedder(t)`.
+
+        Returns `(embeds (S, hidden), timesteps (S,), velocity_target (S, C) | None, flow_loss_mask (S,) | None)`,
+        or None when the sequence has no latent rows.
+        """
+        config = self.config
+        num_rows = int(shape_row_mask.sum())
+        if shape_latents is None:
+            if num_rows > 0:
+                raise ValueError(
+                    f"`input_ids` holds {num_rows} `<|obj_pad|>` latent rows but no `shape_latents` were given."
+                )
+            return None
+        if isinstance(shape_latents, (list, tuple)):
+            shape_latents = torch.cat([torch.as_tensor(x) for x in shape_latents], dim=0)
+        if shape_latents.ndim == 3:
+            shape_latents = shape_latents.reshape(-1, shape_latents.shape[-1])
+        if shape_latents.ndim != 2 or shape_latents.shape[-1] != config.shape_latent_channels:
+            raise ValueError(
+                f"`shape_latents` must have shape (num_latent_rows, {config.shape_latent_channels}), got "
+                f"{tuple(shape_latents.shape)}."
+            )
+        if shape_latents.shape[0] != num_rows:
+            raise ValueError(
+                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of latent rows in "
+                f"`shape_latents` ({shape_latents.shape[0]})."
+            )
+        device = self.obj2llm.weight.device
+        x = shape_latents.to(device=device, dtype=torch.float32)
+        velocity_target = flow_loss_mask = None
+        if shape_timesteps is not None:
+            timesteps = torch.as_tensor(shape_timesteps, dtype=torch.float32, device=device).reshape(-1)
+            if timesteps.numel() == 1:
+                timesteps = timesteps.expand(num_rows)
+            if timesteps.shape[0] != num_rows:
+                raise ValueError(
+                    f"`shape_timesteps` must have one value per latent row ({num_rows}), got {timesteps.shape[0]}."
+                )
+        else:
+            if shape_loss_mask is None:
+                flow_loss_mask = torch.ones(num_rows, dtype=torch.bool, device=device)
+            else:
+                flow_loss_mask = torch.as_tensor(shape_loss_mask, device=device).bool().reshape(-1)
+                if flow_loss_mask.shape[0] != num_rows:
+                    raise ValueError(
+                        f"`shape_loss_mask` must have one value per latent row ({num_rows}), got "
+                        f"{flow_loss_mask.shape[0]}."
+                    )
+            # One logit-normal t per (row, block): every latent of a block shares its noise level.
+            batch_size, seq_len = shape_row_mask.shape
+            logits = torch.randn(batch_size, seq_len, generator=generator, device="cpu" if generator is None
+                                 else generator.device).to(device)
+            block_t = torch.sigmoid(config.timestep_logit_mean + config.timestep_logit_std * logits)
+            shift = config.timestep_shift
+            block_t = shift * block_t / (1 + (shift - 1) * block_t)
+            rows_b, rows_l = shape_row_mask.nonzero(as_tuple=True)
+            timesteps = block_t[rows_b, shape_block_ids[rows_b, rows_l].to(device)]
+            timesteps = torch.where(flow_loss_mask, timesteps, torch.zeros_like(timesteps))
+            noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None
+                                else generator.device).to(device)
+            velocity_target = noise - x
+            x = (1 - timesteps[:, None]) * x + timesteps[:, None] * noise
+        dtype = self.obj2llm.weight.dtype
+        embeds = self.obj2llm(x.to(dtype)) + self.time_embedder(timesteps)
+        return embeds, timesteps, velocity_target, flow_loss_mask
+
+    @staticmethod
+    def _noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps) -> torch.BoolTensor:
+        """`(batch, seq_len)` True for every token (markers included) of a block holding a latent row with t > 0."""
+        batch_size, seq_len = shape_row_mask.shape
+        device = shape_block_ids.device
+        rows_b, rows_l = shape_row_mask.nonzero(as_tuple=True)
+        noisy_block = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+        noisy_rows = shape_timesteps.to(device) > 0
+        noisy_block[rows_b[noisy_rows], shape_block_ids[rows_b, rows_l][noisy_rows]] = True
+        in_block = shape_block_ids >= 0
+        return in_block & noisy_block.gather(1, shape_block_ids.clamp(min=0))
+
+
+class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
+    """CG-MLLM with its two heads: `lm_head` (text, tied to the embeddings when configured) and `llm2obj`
+    (velocity of the 3D latent rows, zero-initialised)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: CGMLLMConfig):
+        super().__init__(config)
+        self.model = CGMLLMModel(config)
+        hidden_size = config.text_config.hidden_size
+        self.lm_head = nn.Linear(hidden_size, config.text_config.vocab_size, bias=False)
+        self.llm2obj = nn.Linear(hidden_size, config.shape_latent_channels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.language_model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        shape_timesteps: torch.Tensor | None = None,
+        shape_loss_mask: torch.BoolTensor | None = None,
+        shape_block_ids: torch.LongTensor | None = None,
+        packed_sample_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        update_cache: bool = True,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> CGMLLMCausalLMOutputWithPast:
+        r"""
+        Training and inference share this forward. See [`CGMLLMModel.forward`] for the 3D arguments.
+
+        Args:
+            labels: `(batch, seq_len)` next-token labels aligned with `input_ids` (-100 = ignored; shifted inside).
+            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all).
+
+        Returns `loss = lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` (the terms that exist), the two
+        terms separately, `logits`, and `velocity` for every latent row.
+        """
+        cache = kwargs.pop("past_key_values", cache)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        mm_token_type_ids = kwargs.pop("mm_token_type_ids", None)  # derived from input_ids instead
+        del mm_token_type_ids
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            shape_latents=shape_latents,
+            shape_timesteps=shape_timesteps,
+            shape_loss_mask=shape_loss_mask,
+            shape_block_ids=shape_block_ids,
+            packed_sample_ids=packed_sample_ids,
+            use_cache=use_cache,
+            update_cache=update_cache,
+            output_hidden_states=output_hidden_states,
+            generator=generator,
+        )
+        hidden_states = outputs.last_hidden_state
+
+        velocity = None
+        if outputs.shape_timesteps is not None:
+            velocity = self.llm2obj(hidden_states[outputs.shape_row_mask]).float()
+
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        lm_loss = flow_loss = None
+        # A generation-only batch (every label -100) has no CE term rather than a NaN one.
+        if labels is not None and bool((labels[..., 1:] != -100).any()):
+            lm_loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+        if outputs.velocity_target is not None and bool(outputs.flow_loss_mask.any()):
+            per_row = (velocity - outputs.velocity_target).pow(2).mean(-1)
+            flow_loss = per_row[outputs.flow_loss_mask].mean()
+        loss = None
+        if lm_loss is not None or flow_loss is not None:
+            loss = 0.0
+            if lm_loss is not None:
+                loss = loss + self.config.lm_loss_weight * lm_loss
+            if flow_loss is not None:
+                loss = loss + self.config.flow_loss_weight * flow_loss
+
+        return CGMLLMCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            flow_loss=flow_loss,
+            logits=logits,
+            velocity=velocity,
+            velocity_target=outputs.velocity_target,
+            flow_loss_mask=outputs.flow_loss_mask,
+            shape_timesteps=outputs.shape_timesteps,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            position_ids=outputs.position_ids,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Text generation (captioning) through GenerationMixin
+    # ----------------------------------------------------------------------------------------------------------------
+    _SHAPE_INPUTS = ("shape_latents", "shape_timesteps", "shape_loss_mask", "shape_block_ids", "packed_sample_ids")
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            # A 3D block inside a prompt is context: clean latents (t = 0) unless told otherwise.
+            if model_inputs.get("shape_latents") is not None and model_inputs.get("shape_timesteps") is None:
+                model_inputs["shape_timesteps"] = torch.zeros(1)
+        else:
+            for name in self._SHAPE_INPUTS + ("pixel_values", "image_grid_thw"):
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # (4, batch, seq_len): row 0 text positions (bookkeeping for generate), rows 1-3 CG-MLLM's mRoPE ids.
+        text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if input_ids is None or input_ids.ndim != 2 or input_ids.dtype not in (torch.int, torch.long):
+            return text_positions
+        rope, _ = self.model.get_rope_index(
+            input_ids,
+            image_grid_thw=model_kwargs.get("image_grid_thw"),
+            attention_mask=model_kwargs.get("attention_mask"),
+            shape_block_ids=model_kwargs.get("shape_block_ids"),
+        )
+        return torch.cat([text_positions.reshape(1, *input_ids.shape), rope], dim=0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForImageTextToText", "modeling_cgmllm.CGMLLMForConditionalGeneration")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Builders
+    # ----------------------------------------------------------------------------------------------------------------
+    def init_block_ar_from_token_ar(self) -> None:
+        """Copy every TokenAR weight into its BlockAR twin (the initialisation used before stage-1 training)."""
+        state = self.state_dict()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if "_block_ar" in name:
+                    param.copy_(state[name.replace("_block_ar", "")])
+
+    @classmethod
+    def from_qwen3_vl(
+        cls,
+        pretrained_model_name_or_path,
+        tokenizer=None,
+        torch_dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        **config_kwargs,
+    ) -> "CGMLLMForConditionalGeneration":
+        """Build a CG-MLLM from a Qwen3-VL checkpoint (a local folder or a loaded `Qwen3VLForConditionalGeneration`).
+
+        TokenAR gets the Qwen3-VL weights unchanged, BlockAR is copied from TokenAR, the connector and timestep
+        embedder are freshly initialised and the velocity head is zero. When a tokenizer is given (or found in
+        the folder) the 3D special tokens are added to it, their ids are written to the config, and the
+        embeddings are resized if the vocabulary grew beyond the embedding matrix.
+
+        Args:
+            pretrained_model_name_or_path: folder of a Qwen3-VL checkpoint, or a `Qwen3VLForConditionalGeneration`.
+            tokenizer: the tokenizer to extend (modified in place); loaded from the folder when None and present.
+            config_kwargs: 3D settings for [`CGMLLMConfig`] (e.g. `num_shape_tokens`, `shape_latent_channels`).
+        """
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        from .configuration_cgmllm import SHAPE_SPECIAL_TOKENS
+
+        if isinstance(pretrained_model_name_or_path, Qwen3VLForConditionalGeneration):
+            qwen = pretrained_model_name_or_path
+        else:
+            path = os.fspath(pretrained_model_name_or_path)
+            if not os.path.isdir(path):
+                raise ValueError(f"`{path}` is not a local Qwen3-VL checkpoint folder.")
+            qwen = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+            if tokenizer is None and any(
+                os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+            ):
+                tokenizer = AutoTokenizer.from_pretrained(path)
+
+        config_dict = qwen.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            config_dict.pop(key, None)
+        if tokenizer is not None:
+            tokenizer.add_tokens(list(SHAPE_SPECIAL_TOKENS), special_tokens=True)
+            ids = tokenizer.convert_tokens_to_ids(list(SHAPE_SPECIAL_TOKENS))
+            config_kwargs.update(obj_start_token_id=ids[0], obj_end_token_id=ids[1], obj_pad_token_id=ids[2])
+        config_dict.update(config_kwargs)
+        config = CGMLLMConfig(**config_dict)
+        config._attn_implementation = attn_implementation
+        config.text_config._attn_implementation = attn_implementation
+
+        model = cls(config)
+        qwen_state = qwen.state_dict()
+        missing, unexpected = model.load_state_dict(qwen_state, strict=False)
+        if unexpected:
+            raise ValueError(f"Qwen3-VL weights with no place in CG-MLLM: {sorted(unexpected)[:10]} ...")
+        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "llm2obj.")
+        not_loaded = [
+            k for k in missing if "_block_ar" not in k and not k.startswith(fresh_prefixes) and k != "lm_head.weight"
+        ]
+        if not_loaded:
+            raise ValueError(f"These CG-MLLM weights were not found in the Qwen3-VL checkpoint: {not_loaded[:10]}")
+        if "lm_head.weight" in missing:
+            model.lm_head.weight.data.copy_(model.get_input_embeddings().weight.data)
+        model.init_block_ar_from_token_ar()
+        with torch.no_grad():
+            model.llm2obj.weight.zero_()
+            model.llm2obj.bias.zero_()
+        needed = max(config.obj_start_token_id, config.obj_end_token_id, config.obj_pad_token_id) + 1
+        if tokenizer is not None:
+            needed = max(needed, len(tokenizer))
+        if needed > config.text_config.vocab_size:
+            model.resize_token_embeddings(needed)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model
+
+
+__all__ = [
+    "CGMLLMForConditionalGeneration",
+    "CGMLLMModel",
+    "CGMLLMPreTrainedModel",
+    "CGMLLMTextModel",
+    "CGMLLMTimestepEmbedder",
+]

@@ -1,0 +1,633 @@
+# Copyright 2026 The CG-MLLM Authors. Apache-2.0.
+"""CGMLLMPipeline: text -> mesh, image -> mesh and captioning with one CG-MLLM.
+
+Data flow (B objects, N latent rows of C channels, blocks of K rows, S steps):
+
+    prompt / image ─ processor ─▶ [cond contexts ; uncond contexts]   one left-padded batch (2B, P)
+                   ─ model prefill (TokenAR, causal) ──────────────▶ KV cache (2B, P)
+    noise (B, N, C) ─▶ for block j in 0..N/K-1:
+                           for t in scheduler.timesteps:                  S Euler steps
+                               model(block j, x_t, t, cache read-only) ─▶ v (2B, K, C)  [cond ∥ uncond in one call]
+                               CFG (t in the interval) + renorm ─▶ scheduler.step
+                           model(block j, x_0, t = 0, update_cache)       clean copy appended to the cache (K < N)
+    latents ─ vae.latents_to_mesh ─▶ list[trimesh.Trimesh]
+
+CG-MLLM works on raw ShapeVAE latents (the official release decodes with z_scale_factor = 1.0, and the training
+latent cache stores raw `encode` outputs), so no VAE scale factor is applied on either side.
+
+This file imports nothing from the `cgmllm` package at module level: it is copied next to a saved pipeline and
+loaded as remote code by `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` where `cgmllm` is not
+installed (the components then come from the files in their own folders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from cgmllm.pipelines import CGMLLMPipeline
+
+        >>> pipe = CGMLLMPipeline.from_pretrained("path/to/cgmllm-pipeline")
+        >>> pipe("a red car", generator=torch.Generator().manual_seed(42)).mesh.export("car.glb")
+        >>> pipe.caption(mesh="car.glb")
+        ['a red car']
+        ```
+"""
+
+# Remote-code layout written by `save_pretrained`: component -> (module file, class name, files to copy into the folder).
+_REMOTE_COMPONENTS = {
+    "model": ("modeling_cgmllm", "CGMLLMForConditionalGeneration"),
+    "vae": ("shape_vae_remote", "ShapeVAE"),
+    "processor": ("processing_cgmllm", "CGMLLMProcessor"),
+}
+_VAE_FILES = ("modeling_shape_vae.py", "volume_decoding.py", "mesh_utils.py")
+
+
+@dataclass
+class CGMLLMPipelineOutput(BaseOutput):
+    """
+    Output of [`CGMLLMPipeline`].
+
+    Args:
+        meshes (`list[trimesh.Trimesh]` or `None`): one mesh per generated object (None for `output_type="latent"`).
+        latents (`torch.Tensor`): `(B, N, C)` final latents (raw ShapeVAE latents, what `vae.decode` takes).
+    """
+
+    meshes: list | None
+    latents: torch.Tensor
+
+    @property
+    def mesh(self):
+        """The first mesh, for `pipe(prompt).mesh.export("x.glb")`."""
+        if not self.meshes:
+            raise ValueError("No meshes were decoded (output_type='latent'); decode `latents` with the VAE.")
+        return self.meshes[0]
+
+
+def _load_image(image, index: int):
+    """PIL image, path or HWC uint8 array -> RGB PIL image; anything unreadable raises a ValueError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"Could not read image {index} from {os.fspath(image)!r}: {error}") from error
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (3, 4):
+        array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(array[..., :3])
+    raise ValueError(
+        f"Image {index} must be a PIL image, a file path or an (H, W, 3) array, got {type(image).__name__}"
+        + (f" of shape {image.shape}" if hasattr(image, "shape") else "")
+        + "."
+    )
+
+
+class CGMLLMPipeline(DiffusionPipeline):
+    r"""
+    Text-to-mesh and image-to-mesh generation with CG-MLLM (arXiv 2601.21798), plus image and mesh captioning.
+
+    Args:
+        model ([`CGMLLMForConditionalGeneration`]): the MoT multimodal LLM (TokenAR for text/images, BlockAR for the
+            3D latent rows, velocity head `llm2obj`).
+        vae ([`ShapeVAE`]): the frozen 3D VAE (latents <-> field -> mesh).
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler sampler; sigma is the model's flow time
+            t (x_t = (1 - t) x0 + t eps, t = 1 pure noise). Shift 3.0 reproduces the official sampler.
+        processor ([`CGMLLMProcessor`]): tokenizer, image processor and the prompt formats.
+    """
+
+    model_cpu_offload_seq = "model->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, model, vae, scheduler: FlowMatchEulerDiscreteScheduler, processor):
+        super().__init__()
+        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def latent_channels(self) -> int:
+        return self.model.config.shape_latent_channels
+
+    @property
+    def max_shape_tokens(self) -> int:
+        """Largest `num_shape_tokens`: the resolution the model was trained up to (`model.config.num_shape_tokens`)."""
+        return int(self.model.config.num_shape_tokens)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 1. Inputs
+    # ------------------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        negative_prompt,
+        num_inference_steps,
+        guidance_scale,
+        guidance_interval,
+        num_shape_tokens,
+        shape_block_size,
+        num_meshes_per_prompt,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        """Validate everything before any work starts; every error names the offending value."""
+        if prompt is None and image is None:
+            raise ValueError("Provide a `prompt` (text -> mesh) or an `image` (image -> mesh); both are None.")
+        if prompt is not None and image is not None:
+            raise ValueError("Provide either `prompt` or `image`, not both (the official model conditions on one).")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if len(prompts) == 0:
+                raise ValueError("`prompt` is an empty list.")
+            bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+            if bad:
+                raise ValueError(f"Every prompt must be a non-empty string, got {bad!r}.")
+        if image is not None and isinstance(image, (list, tuple)) and len(image) == 0:
+            raise ValueError("`image` is an empty list.")
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            batch = len(self._as_list(prompt if prompt is not None else image))
+            if len(negatives) not in (1, batch):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries; expected 1 or one per prompt/image ({batch})."
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale!r}.")
+        if guidance_interval is not None:
+            low, high = guidance_interval
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"`guidance_interval` must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval!r}.")
+        if not isinstance(num_shape_tokens, int) or not 1 <= num_shape_tokens <= self.max_shape_tokens:
+            raise ValueError(
+                f"`num_shape_tokens` must be an integer in [1, {self.max_shape_tokens}] (model.config.num_shape_tokens, "
+                f"the largest resolution the model was trained on), got {num_shape_tokens!r}."
+            )
+        if not isinstance(shape_block_size, int) or shape_block_size <= 0 or num_shape_tokens % shape_block_size:
+            raise ValueError(
+                f"`shape_block_size` must be a positive divisor of num_shape_tokens={num_shape_tokens}, got "
+                f"{shape_block_size!r}."
+            )
+        if not isinstance(num_meshes_per_prompt, int) or num_meshes_per_prompt <= 0:
+            raise ValueError(f"`num_meshes_per_prompt` must be a positive integer, got {num_meshes_per_prompt!r}.")
+        if latents is not None:
+            batch = len(self._as_list(prompt if prompt is not None else image)) * num_meshes_per_prompt
+            expected = (batch, num_shape_tokens, self.latent_channels)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        if output_type not in ("trimesh", "latent"):
+            raise ValueError(f"`output_type` must be 'trimesh' or 'latent', got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
+
+    @staticmethod
+    def _as_list(value) -> list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 2. Prompt -> KV cache
+    # ------------------------------------------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompt: list[str] | None = None,
+        images: list | None = None,
+        negative_prompt: list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        device: torch.device | None = None,
+    ) -> dict[str, Any]:
+        """Tokenise and prefill the conditional (and unconditional) contexts in ONE left-padded batch.
+
+        Args:
+            prompt: B prompts (text -> mesh), or None.
+            images: B PIL images (image -> mesh), or None.
+            negative_prompt: B texts for the unconditional branch; None gives the empty context (official).
+
+        Returns:
+            dict with `cache` (KV cache of 2B rows when guiding: cond rows first, uncond rows after; else B),
+            `attention_mask` `(rows, P)` and `rope_start` `(rows,)`, the rope id of the first 3D block per row
+            (max prompt position + 1; 0 for an empty context).
+        """
+        device = device or self._execution_device
+        processor = self.processor
+        if prompt is not None:
+            texts = [processor.text_to_shape_prompt(p) for p in prompt]
+            batch_images = []
+        else:
+            texts = [processor.image_to_shape_prompt() for _ in images]
+            batch_images = list(images)
+        if do_classifier_free_guidance:
+            negatives = negative_prompt if negative_prompt is not None else [None] * len(texts)
+            texts = texts + [processor.text_to_shape_prompt(n) for n in negatives]
+        inputs = processor(text=texts, images=batch_images or None, padding_side="left").to(device)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if input_ids.shape[1] == 0:  # every context empty: a one-token padding column keeps shapes valid
+            pad = self.model.config.text_config.pad_token_id or 0
+            input_ids = torch.full((len(texts), 1), pad, dtype=torch.long, device=device)
+            attention_mask = torch.zeros_like(input_ids)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # Rope id of the 3D block: one past the largest real position of each row (padding positions excluded).
+        positions = out.position_ids.amax(0).masked_fill(attention_mask == 0, -1)
+        rope_start = positions.amax(-1) + 1
+        return {"cache": out.cache, "attention_mask": attention_mask, "rope_start": rope_start}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 3. Latents
+    # ------------------------------------------------------------------------------------------------------------
+    def prepare_latents(self, batch_size, num_shape_tokens, dtype, device, generator, latents=None):
+        """Initial noise `(B, N, C)` from `randn_tensor` (a list of generators seeds each object)."""
+        shape = (batch_size, num_shape_tokens, self.latent_channels)
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 4. One model call on a 3D block against the cache
+    # ------------------------------------------------------------------------------------------------------------
+    def _block_input_ids(self, rows: int, block_index: int, num_blocks: int, block_size: int, device):
+        """`(rows, L)` ids of block j: `<|obj_start|>` on the first block, `<|obj_end|>` on the last."""
+        config = self.model.config
+        ids = [config.obj_pad_token_id] * block_size
+        if block_index == 0:
+            ids = [config.obj_start_token_id] + ids
+        if block_index == num_blocks - 1:
+            ids = ids + [config.obj_end_token_id]
+        return torch.tensor(ids, device=device).expand(rows, -1)
+
+    def _block_forward(self, context, block_ids, latents, sigma, block_index, update_cache):
+        """Run the block (all context rows at once) and return the velocity `(rows, K, C)`.
+
+        `latents` `(rows, K, C)` are x_t at flow time `sigma`; `sigma = 0` marks a clean block (context for later
+        blocks). The block's mask is built from explicit block ids (markers may be absent on inner blocks) and its
+        rope id is `rope_start + block_index` on every token.
+        """
+        rows, length = block_ids.shape
+        cache = context["cache"]
+        past = cache.get_seq_length()
+        prompt_mask = context["attention_mask"]
+        ones = prompt_mask.new_ones(rows, past - prompt_mask.shape[1] + length)
+        position_ids = (context["rope_start"] + block_index).view(1, rows, 1).expand(3, rows, length)
+        out = self.model(
+            input_ids=block_ids,
+            attention_mask=torch.cat([prompt_mask, ones], dim=1),
+            position_ids=position_ids,
+            cache=cache,
+            update_cache=update_cache,
+            shape_block_ids=torch.zeros_like(block_ids),
+            shape_latents=latents.reshape(-1, latents.shape[-1]),
+            shape_timesteps=torch.full((latents.shape[0] * latents.shape[1],), float(sigma), device=latents.device),
+            logits_to_keep=1,
+        )
+        return out.velocity.view(rows, -1, latents.shape[-1])
+
+    @staticmethod
+    def apply_guidance(v_cond, v_uncond, guidance_scale: float, renorm: bool):
+        """`v = v_u + s (v_c - v_u)`, then the official global renorm `v *= clamp(|v_c| / |v|, max=1)` per object
+        (Frobenius norms over the block's `(K, C)` values; it can only shrink the update)."""
+        guided = v_uncond + guidance_scale * (v_cond - v_uncond)
+        if renorm:
+            norm_cond = v_cond.flatten(1).norm(dim=1)
+            norm = guided.flatten(1).norm(dim=1)
+            scale = (norm_cond / (norm + 1e-8)).clamp(max=1.0)
+            guided = guided * scale.view(-1, *([1] * (guided.ndim - 1)))
+        return guided
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 5. Generation
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_interval: tuple[float, float] | None = (0.4, 1.0),
+        guidance_renorm: bool = True,
+        num_shape_tokens: int | None = None,
+        shape_block_size: int | None = None,
+        num_meshes_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sigmas: list[float] | None = None,
+        output_type: str = "trimesh",
+        octree_resolution: int = 256,
+        mc_level: float = 0.0,
+        mesh_kwargs: dict | None = None,
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""
+        Generate meshes from text prompts or images.
+
+        Args:
+            prompt: text prompt(s) (text -> mesh).
+            image: image(s) (PIL, path or `(H, W, 3)` array) (image -> mesh).
+            negative_prompt: context of the unconditional branch; None = empty context (the official convention).
+            num_inference_steps: Euler steps per block.
+            guidance_scale: CFG scale `s`; `<= 1` disables guidance (and the unconditional branch).
+            guidance_interval: `(low, high)`: CFG (and renorm) only when `low < t <= high` (official (0.4, 1.0]);
+                None = every step.
+            guidance_renorm: official global renorm of the guided velocity.
+            num_shape_tokens: latent rows N per object, in `[1, model.config.num_shape_tokens]`; defaults to
+                `model.config.num_shape_tokens`.
+            shape_block_size: rows K per block; must divide N. None or N: the whole object in one block (official).
+                K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
+                through the KV cache; K = 1 is token-by-token generation.
+            num_meshes_per_prompt: objects per prompt / image.
+            generator: `torch.Generator` (or one per object) for the initial noise.
+            latents: initial noise `(B, N, C)` instead of drawing it.
+            sigmas: custom flow-time schedule passed to `scheduler.set_timesteps`.
+            output_type: `"trimesh"` (decode with the VAE) or `"latent"`.
+            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh`.
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
+
+        Returns:
+            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object) and `latents`
+            `(B, N, C)`; a tuple `(meshes, latents)` when `return_dict=False`.
+        """
+        num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
+        shape_block_size = num_shape_tokens if shape_block_size is None else shape_block_size
+        if callback_on_step_end is not None and hasattr(callback_on_step_end, "tensor_inputs"):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. Check inputs (raises before any work).
+        self.check_inputs(
+            prompt, image, negative_prompt, num_inference_steps, guidance_scale, guidance_interval,
+            num_shape_tokens, shape_block_size, num_meshes_per_prompt, latents, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+
+        # 2. Call parameters: every prompt / image repeated `num_meshes_per_prompt` times, objects in prompt order.
+        device = self._execution_device
+        prompts = images = None
+        if prompt is not None:
+            prompts = [p for p in self._as_list(prompt) for _ in range(num_meshes_per_prompt)]
+            num_conditions = len(self._as_list(prompt))
+        else:
+            loaded = [_load_image(im, i) for i, im in enumerate(self._as_list(image))]
+            images = [im for im in loaded for _ in range(num_meshes_per_prompt)]
+            num_conditions = len(loaded)
+        batch_size = num_conditions * num_meshes_per_prompt
+        negatives = None
+        if negative_prompt is not None:
+            negatives = self._as_list(negative_prompt)
+            negatives = negatives * num_conditions if len(negatives) == 1 else negatives
+            negatives = [n for n in negatives for _ in range(num_meshes_per_prompt)]
+
+        # 3. Prefill the contexts: [cond ; uncond] in one batch.
+        context = self.encode_prompt(prompts, images, negatives, self.do_classifier_free_guidance, device)
+        branches = 2 if self.do_classifier_free_guidance else 1
+
+        # 4. Initial noise (B, N, C).
+        latents = self.prepare_latents(batch_size, num_shape_tokens, torch.float32, device, generator, latents)
+
+        # 5. Blocks x timesteps.
+        num_blocks = num_shape_tokens // shape_block_size
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        low, high = guidance_interval if guidance_interval is not None else (-1.0, 1.0)
+        blocks = []
+        with self.progress_bar(total=num_blocks * len(timesteps)) as progress_bar:
+            for j in range(num_blocks):
+                block_ids = self._block_input_ids(branches * batch_size, j, num_blocks, shape_block_size, device)
+                x = latents[:, j * shape_block_size : (j + 1) * shape_block_size]
+                # The scheduler keeps a step index: restart it for every block.
+                self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    sigma = self.scheduler.sigmas[i]
+                    velocity = self._block_forward(
+                        context, block_ids, x.repeat(branches, 1, 1), sigma, j, update_cache=False
+                    )
+                    if self.do_classifier_free_guidance and low < float(sigma) <= high:
+                        v_cond, v_uncond = velocity.chunk(2)
+                        velocity = self.apply_guidance(v_cond, v_uncond, guidance_scale, guidance_renorm)
+                    else:
+                        velocity = velocity[:batch_size]
+                    x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {"latents": torch.cat(blocks + [x], dim=1) if blocks else x}
+                        callback_outputs = callback_on_step_end(self, j * len(timesteps) + i, t, callback_kwargs)
+                        if "latents" in callback_outputs:
+                            x = callback_outputs["latents"][:, -x.shape[1]:]
+                    progress_bar.update()
+                blocks.append(x)
+                if j < num_blocks - 1:
+                    # Write the clean block into the cache (both branches) so later blocks attend to it.
+                    self._block_forward(context, block_ids, x.repeat(branches, 1, 1), 0.0, j, update_cache=True)
+        latents = torch.cat(blocks, dim=1)
+
+        # 6. Decode.
+        meshes = None
+        if output_type == "trimesh":
+            meshes = self.vae.latents_to_mesh(
+                latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
+                **(mesh_kwargs or {}),
+            )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return meshes, latents
+        return CGMLLMPipelineOutput(meshes=meshes, latents=latents)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Captioning
+    # ------------------------------------------------------------------------------------------------------------
+    def encode_mesh(self, mesh, num_shape_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`:
+        surface sampling, then `vae.encode(...).mode()` (the same latents the training cache holds)."""
+        num_shape_tokens = num_shape_tokens or self.max_shape_tokens
+        meshes = self._as_list(mesh)
+        num_points = num_shape_tokens * self.vae.config.downsample_ratio
+        try:
+            surfaces = self.processor.prepare_surfaces(meshes, num_points=num_points, seed=seed)
+        except ValueError:
+            raise
+        except Exception as error:  # trimesh / IO errors of unreadable files
+            raise ValueError(f"Could not read the mesh(es) {meshes!r:.200}: {error}") from error
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        posterior = self.vae.encode(surfaces, num_latents=num_shape_tokens, generator=generator)
+        return posterior.mode().float()
+
+    @torch.no_grad()
+    def caption(
+        self,
+        image=None,
+        mesh=None,
+        prompt: str | None = None,
+        max_new_tokens: int = 64,
+        num_shape_tokens: int | None = None,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Describe images (TokenAR, as Qwen3-VL) or meshes (VAE latents as a clean 3D block) in text.
+
+        Args:
+            image: image(s) to describe.
+            mesh: mesh(es) to describe: paths, `trimesh.Trimesh` or point clouds.
+            prompt: the question; defaults to the processor's "Describe this image/3D object.".
+            max_new_tokens: generation budget; greedy decoding unless `generate_kwargs` say otherwise.
+
+        Returns:
+            One caption per input.
+        """
+        if (image is None) == (mesh is None):
+            raise ValueError("Pass exactly one of `image` or `mesh` to caption.")
+        if max_new_tokens <= 0:
+            raise ValueError(f"`max_new_tokens` must be positive, got {max_new_tokens!r}.")
+        processor, device = self.processor, self._execution_device
+        question = {} if prompt is None else {"question": prompt}
+        generate_kwargs.setdefault("do_sample", False)
+        if image is not None:
+            images = [_load_image(im, i) for i, im in enumerate(self._as_list(image))]
+            texts = [processor.image_caption_prompt(**question)] * len(images)
+            inputs = processor(text=texts, images=images, padding_side="left").to(device)
+            extra = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+        else:
+            num_shape_tokens = num_shape_tokens or self.max_shape_tokens
+            if not 1 <= num_shape_tokens <= self.max_shape_tokens:
+                raise ValueError(f"`num_shape_tokens` must be in [1, {self.max_shape_tokens}], got {num_shape_tokens}.")
+            latents = self.encode_mesh(mesh, num_shape_tokens)
+            texts = [processor.shape_caption_prompt(**question)] * latents.shape[0]
+            inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
+            extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
+        prompt_length = inputs["input_ids"].shape[1]
+        generated = self.model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
+            pad_token_id=processor.tokenizer.pad_token_id, **extra, **generate_kwargs,
+        )
+        self.maybe_free_model_hooks()
+        return processor.decode_captions(generated[:, prompt_length:])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving / loading
+    # ------------------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save the components and make the folder loadable without the `cgmllm` package:
+
+        * `model_index.json` names the pipeline `["pipeline_cgmllm", "CGMLLMPipeline"]` and each custom component
+          `[<module file>, <class>]`, the form diffusers resolves from files in the component folders;
+        * this file goes to the root, the VAE's modeling files into `vae/` (the model and processor copy theirs).
+
+        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` then works anywhere, and
+        `CGMLLMPipeline.from_pretrained(path)` uses the installed classes.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        root = Path(save_directory)
+        shutil.copyfile(__file__, root / "pipeline_cgmllm.py")
+        vae_source = Path(sys.modules[type(self.vae).__module__].__file__)
+        for name in _VAE_FILES:
+            if (vae_source.parent / name).is_file():
+                shutil.copyfile(vae_source.parent / name, root / "vae" / name)
+        # diffusers copies only the *direct* relative imports of a remote-code entry file (not their imports), so
+        # the VAE's entry file imports every VAE module itself.
+        imports = "".join(
+            f"from .{Path(name).stem} import *  # noqa: F401,F403\n" for name in reversed(_VAE_FILES)
+            if (root / "vae" / name).is_file()
+        )
+        (root / "vae" / "shape_vae_remote.py").write_text(
+            '"""Remote-code entry of the ShapeVAE component (written by CGMLLMPipeline.save_pretrained)."""\n\n'
+            + imports + "from .modeling_shape_vae import ShapeVAE  # noqa: F401\n"
+        )
+        index_path = root / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline_cgmllm", type(self).__name__]
+        for component, entry in _REMOTE_COMPONENTS.items():
+            index[component] = list(entry)
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for component, (module_file, _) in _REMOTE_COMPONENTS.items():
+            if not (root / component / f"{module_file}.py").is_file():
+                raise ValueError(
+                    f"Saving {component}: {module_file}.py was not written to {root / component}; the folder would not "
+                    "load as remote code."
+                )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved pipeline. With the `cgmllm` package installed and a local folder, the components are
+        built from the installed classes (no remote code needed); otherwise diffusers' loader is used (pass
+        `trust_remote_code=True` for the files in the folder)."""
+        path = Path(pretrained_model_name_or_path)
+        try:
+            from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
+            from cgmllm.modeling_shape_vae import ShapeVAE
+        except ImportError:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not (path / "model_index.json").is_file():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+        loaders = {
+            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(p, dtype=dtype),
+            "vae": lambda p: ShapeVAE.from_pretrained(p, torch_dtype=dtype),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
+            "processor": CGMLLMProcessor.from_pretrained,
+        }
+        components = {name: kwargs.pop(name) if name in kwargs else load(path / name) for name, load in loaders.items()}
+        kwargs.pop("trust_remote_code", None)
+        if kwargs:
+            logger.warning(f"Ignoring arguments {sorted(kwargs)} when loading {cls.__name__} from a local folder.")
+        return cls(**components)
+
+
+__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput"]
