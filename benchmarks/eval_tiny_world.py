@@ -6,7 +6,7 @@
 Without `--data` the held-out split is rebuilt in memory from its specs (the recipe's default sizes and seed).
 
 Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world_eval`):
-* ShapeVAE reconstruction: volume IoU and Chamfer distance of encode -> decode;
+* ShapeVAE reconstruction: volume IoU, Chamfer distance and family accuracy of encode -> decode;
 * text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
 * mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     table = []
     vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution)
     table += [(f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
-              ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}")]
+              ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}"),
+              ("ShapeVAE round trip family accuracy (ceiling of text->3D)", f"{vae['family_accuracy']:.0%}")]
     for name, subset in (("all", rows), ("novel combinations", novel), ("seen combinations", seen)):
         if args.verbose:
             print(f"text -> 3D, {name}:")

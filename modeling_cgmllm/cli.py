@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  cgmllm render chair.glb -o preview.png --size 256 --views 4\n"
             "  cgmllm caption chair.glb            # or an image: cgmllm caption photo.png\n"
-            '  cgmllm generate "a tall red cylinder" -o out.glb --steps 30 --seed 0\n'
+            '  cgmllm generate "a tall cylinder" -o cylinder.glb --steps 30 --seed 0\n'
             "  cgmllm demo\n\n"
             f"--model defaults to the shipped pipeline folder {DEFAULT_MODEL_NAME} (at the package or repo root)."
         ),
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = subcommands.add_parser("generate", help="generate a mesh from a text prompt",
                                       formatter_class=defaults)
-    generate.add_argument("prompt", metavar="PROMPT", help="text prompt, e.g. \"a tall red cylinder\"")
+    generate.add_argument("prompt", metavar="PROMPT", help="text prompt, e.g. \"a tall cylinder\"")
     generate.add_argument("-o", "--output", default="out.glb", help="output mesh (glb, obj, ply, stl, off)")
     generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
     generate.add_argument("--steps", type=int, default=50, help="Euler denoising steps")

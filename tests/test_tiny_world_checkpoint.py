@@ -52,3 +52,12 @@ def test_mesh_caption_names_the_family(pipe, rows):
 
     result = shape_to_caption(pipe, rows[::2], max_new_tokens=24)
     assert result["family_word_accuracy"] >= 0.7, result["captions"]
+
+
+def test_vae_round_trip_keeps_the_shapes(pipe, rows):
+    from cgmllm.training.tiny_world_eval import vae_reconstruction
+
+    result = vae_reconstruction(pipe, rows[:6], octree_resolution=64)
+    assert result["count"] == 6
+    assert result["iou"] >= 0.6 and result["chamfer"] < 0.2, result
+    assert result["family_accuracy"] >= 0.5, result
