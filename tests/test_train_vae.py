@@ -56,3 +56,42 @@ def test_cache_is_reused_and_invalidated(world, tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="No meshes found"):
         train_vae.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--steps", "1"])
+
+
+def test_stretch_augmentation_keeps_occupancy_and_the_cube():
+    # A real mesh (not made here), sampled as the VAE cache does. The stretched samples must be the samples of one
+    # per-axis stretch (+ re-normalisation) of the mesh: cached labels = occupancy of the stretched mesh, normals
+    # transformed by the inverse transpose, the surface fitted to the VAE cube again.
+    from cgmllm.mesh_utils import load_mesh, normalize_mesh, occupancy, sample_sdf_points, sample_surface
+
+    mesh = normalize_mesh(load_mesh("../shared/data/real_meshes/nut.ply"))[0]
+    surface = sample_surface(mesh, 256, 256, seed=0)[None].astype(np.float32)
+    points, labels = sample_sdf_points(mesh, num_near=256, num_uniform=256, seed=1)
+    points = points[None].astype(np.float32)
+
+    same = train_vae.stretch_samples(surface, points, np.random.default_rng(0), 1.0)
+    assert same[0] is surface and same[1] is points
+    with pytest.raises(ValueError, match="max_stretch must be >= 1"):
+        train_vae.stretch_samples(surface, points, np.random.default_rng(0), 0.5)
+
+    new_surface, new_points = train_vae.stretch_samples(surface, points, np.random.default_rng(3), 3.0)
+    xyz = new_surface[0, :, :3]
+    extent = xyz.max(0) - xyz.min(0)
+    assert np.isclose(extent.max(), 2 * 0.9999, atol=1e-4) and np.allclose(xyz.max(0) + xyz.min(0), 0, atol=1e-4)
+
+    # Recover the affine map from the surface points: a per-axis stretch (diagonal), not the identity.
+    homogeneous = np.c_[surface[0, :, :3], np.ones(len(xyz))]
+    solution = np.linalg.lstsq(homogeneous, xyz, rcond=None)[0]  # (4, 3): x' = x @ A^T + b
+    assert np.allclose(homogeneous @ solution, xyz, atol=1e-4)
+    linear, shift = solution[:3].T, solution[3]
+    assert np.allclose(linear, np.diag(np.diag(linear)), atol=1e-4)
+    assert np.ptp(np.diag(linear)) > 0.05  # the axes were stretched differently
+    np.testing.assert_allclose(np.c_[points[0], np.ones(len(points[0]))] @ solution, new_points[0], atol=1e-4)
+
+    stretched = mesh.copy()
+    stretched.vertices = np.asarray(mesh.vertices) @ linear.T + shift
+    np.testing.assert_array_equal(occupancy(stretched, new_points[0]) > 0.5, labels > 0.5)
+    expected_normals = surface[0, :, 3:6] @ np.linalg.inv(linear)  # n' ~ A^-T n
+    expected_normals /= np.linalg.norm(expected_normals, axis=-1, keepdims=True)
+    np.testing.assert_allclose(new_surface[0, :, 3:6], expected_normals, atol=1e-4)
+    np.testing.assert_array_equal(new_surface[0, :, 6], surface[0, :, 6])

@@ -81,6 +81,35 @@ def precompute_samples(
     return arrays
 
 
+def stretch_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Generator, max_stretch: float,
+                    scale: float = 0.9999) -> tuple[np.ndarray, np.ndarray]:
+    """Augment cached samples by a random per-axis stretch, then re-normalise them to the VAE cube.
+
+    `surface` `(B, P, 7)` (xyz, normal, sharp flag) and `points` `(B, Q, 3)` are stretched by `s ~ exp(U(-log a, log
+    a))` per axis and mesh (`a = max_stretch`); normals by `n / s` (the inverse transpose), re-normalised. Occupancy
+    is unchanged by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding
+    box is centred and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
+
+    This turns the few proportions of a small training set (e.g. regular and tall boxes) into a continuum (flat,
+    long, ... boxes) without touching held-out data: the VAE then reconstructs proportions it never saw.
+    """
+    if max_stretch < 1.0:
+        raise ValueError(f"max_stretch must be >= 1 (1 = no augmentation), got {max_stretch}.")
+    if max_stretch == 1.0:
+        return surface, points
+    log_a = np.log(max_stretch)
+    stretch = np.exp(rng.uniform(-log_a, log_a, size=(surface.shape[0], 1, 3))).astype(np.float32)  # (B, 1, 3)
+    xyz = surface[..., :3] * stretch
+    normals = surface[..., 3:6] / stretch
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True).clip(min=1e-8)
+    low, high = xyz.min(axis=1, keepdims=True), xyz.max(axis=1, keepdims=True)  # (B, 1, 3)
+    center = (low + high) / 2
+    factor = 2 * scale / (high - low).max(axis=-1, keepdims=True)  # (B, 1, 1)
+    surface = np.concatenate([(xyz - center) * factor, normals, surface[..., 6:]], axis=-1)
+    points = (points * stretch - center) * factor
+    return surface.astype(np.float32), points.astype(np.float32)
+
+
 def build_vae(num_latents: int, embed_dim: int, width: int, heads: int, encoder_layers: int, decoder_layers: int,
               num_points: int, downsample_ratio: int, num_freqs: int = 8, init_logvar: float | None = -6.0):
     """A fresh ShapeVAE for training from scratch.
@@ -166,10 +195,11 @@ def train_vae(args) -> dict:
         queries = rng.choice(total_queries, size=min(args.queries_per_step, total_queries), replace=False)
         # Train on a random number of latents in [min, max] so the encoder serves every stage resolution.
         num_latents = int(rng.integers(args.min_latents or args.num_latents, args.num_latents + 1))
+        surface, points = stretch_samples(train["surface"][index], train["points"][index][:, queries], rng,
+                                          args.stretch)
         loss = vae.compute_loss(
-            torch.from_numpy(train["surface"][index]), torch.from_numpy(train["points"][index][:, queries]),
-            torch.from_numpy(train["labels"][index][:, queries]), kl_weight=args.kl_weight, num_latents=num_latents,
-            generator=generator,
+            torch.from_numpy(surface), torch.from_numpy(points), torch.from_numpy(train["labels"][index][:, queries]),
+            kl_weight=args.kl_weight, num_latents=num_latents, generator=generator,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.loss.backward()
@@ -217,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoder-layers", type=int, default=2)
     parser.add_argument("--init-logvar", type=float, default=-6.0,
                         help="initial posterior log-variance (see build_vae); the PyTorch default init is ~0")
+    parser.add_argument("--stretch", type=float, default=1.0,
+                        help="augment: random per-axis stretch up to this factor (see stretch_samples); 1 = off")
     parser.add_argument("--num-freqs", type=int, default=8, help="Fourier frequencies of the point embedding")
     parser.add_argument("--downsample-ratio", type=int, default=8, help="surface points per latent")
     parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")
