@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution)
     table += [(f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
               ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}"),
-              ("ShapeVAE round trip family accuracy (ceiling of text->3D)", f"{vae['family_accuracy']:.0%}")]
+              ("ShapeVAE round-trip family accuracy", f"{vae['family_accuracy']:.0%}")]
     for name, subset in (("all", rows), ("novel combinations", novel), ("seen combinations", seen)):
         if args.verbose:
             print(f"text -> 3D, {name}:")

@@ -4,7 +4,7 @@ Each function takes a `CGMLLMPipeline` and held-out rows of `load_tiny_world(...
 numbers, so the benchmark prints them as a table and the test suite checks a floor on the shipped checkpoint.
 
 * `vae_reconstruction`   ShapeVAE round trip of ground-truth meshes: volume IoU, Chamfer distance and the family
-                         accuracy of the decoded meshes (the ceiling of text -> 3D family accuracy: every
+                         accuracy of the decoded meshes (a practical cap on text -> 3D family accuracy: every
                          generated shape goes through the same decoder);
 * `text_to_shape`        generate from the captions; family accuracy (`classify_family`), proportion and
                          orientation accuracy (`classify_proportion` / `classify_orientation` against the same
