@@ -111,6 +111,21 @@ def test_preprocess_cli_writes_a_reproducible_latent_cache(tmp_path, mesh_folder
     np.testing.assert_allclose(np.asarray(direct[0]["latents"]), latents, rtol=0, atol=1e-6)
 
 
+def test_console_scripts_exit_with_status_zero(tmp_path, mesh_folder):
+    # A console script's return value becomes the process exit status (`sys.exit(main())`): the commands must return
+    # 0, not the objects that the Python-callable `main`s return (a dataset would exit 1 and print its repr).
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("cgmllm")}
+    assert {"cgmllm", "cgmllm-train", "cgmllm-preprocess", "cgmllm-build", "cgmllm-convert-official"} <= set(scripts)
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    status = scripts["cgmllm-preprocess"].load()(["--data", mesh_folder, "--shape-vae", str(tmp_path / "vae"),
+                                                  "--num-latents", "8", "--out", str(tmp_path / "cache")])
+    assert status == 0 and load_from_disk(str(tmp_path / "cache")).num_rows > 0
+    for name in ("cgmllm-train", "cgmllm-build", "cgmllm-convert-official"):
+        assert scripts[name].load().__name__.endswith("_script"), name
+
+
 # 3. Collator ----------------------------------------------------------------------------------------------------------
 def test_collator_tasks_dropout_and_labels(processor, cache):
     examples = [cache[i] for i in range(len(cache))]

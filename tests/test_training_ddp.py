@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent(
               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(result, handle)
+    torch.distributed.destroy_process_group()  # as cgmllm-train does: implicit teardown at exit can abort
     """
 )
 

@@ -177,10 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv=None):
+    """Run the stages of a config; returns `(model, results)` for Python callers (`train_script` is the command)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     config = load_config(args.config, args.overrides)
     return run_stages(config)
 
 
-__all__ = ["build_components", "load_config", "run_stages", "train_main"]
+def train_script(argv=None) -> int:
+    """The `cgmllm-train` console script: exit status 0 (a console script's return value becomes the exit status)."""
+    import torch.distributed as dist
+
+    try:
+        train_main(argv)
+    finally:
+        # Under torchrun, tear gloo/NCCL down before interpreter exit: leaving it to the destructors can abort
+        # ("terminate called without an active exception") after training has finished.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+__all__ = ["build_components", "load_config", "run_stages", "train_main", "train_script"]

@@ -206,5 +206,17 @@ def convert_main(argv=None):
                             _dtype(args.dtype))
 
 
-__all__ = ["RENAMES", "build", "build_main", "convert_main", "convert_official", "convert_official_state_dict",
-           "rename_official_key", "save_pipeline_folder"]
+def build_script(argv=None) -> int:
+    """The `cgmllm-build` console script (exit status 0; `build_main` returns the built objects)."""
+    build_main(argv)
+    return 0
+
+
+def convert_script(argv=None) -> int:
+    """The `cgmllm-convert-official` console script (exit status 0; `convert_main` returns the model and summary)."""
+    convert_main(argv)
+    return 0
+
+
+__all__ = ["RENAMES", "build", "build_main", "build_script", "convert_main", "convert_official",
+           "convert_official_state_dict", "convert_script", "rename_official_key", "save_pipeline_folder"]

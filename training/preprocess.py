@@ -105,4 +105,10 @@ def main(argv=None) -> Dataset:
     return load_from_disk(args.out)
 
 
-__all__ = ["build_parser", "encode_dataset", "encode_latents", "load_shape_vae", "main"]
+def script(argv=None) -> int:
+    """The `cgmllm-preprocess` console script: `main` returns the cache for Python callers; a command exits 0."""
+    main(argv)
+    return 0
+
+
+__all__ = ["build_parser", "encode_dataset", "encode_latents", "load_shape_vae", "main", "script"]
