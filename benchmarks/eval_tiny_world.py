@@ -10,8 +10,8 @@ Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tin
 * text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
 * mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
+* image -> caption and image -> 3D on the rendered views of the same held-out objects (the data set's camera);
 * block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each.
-Image -> caption is not measured: the tiny world trains no image tasks (its vision tower is untrained).
 Numbers depend on the machine only through the timings.
 """
 
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     from cgmllm.training.tiny_world import load_tiny_world
     from cgmllm.training.tiny_world_eval import (
         heldout_rows,
+        image_to_caption,
         shape_to_caption,
         single_shape_rows,
         text_to_shape,
@@ -80,6 +81,19 @@ def main(argv=None) -> int:
     table += [(f"mesh->caption family-word accuracy ({captions['count']})", f"{captions['family_word_accuracy']:.0%}"),
               ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
               ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+    if args.verbose:
+        print("image -> caption:")
+    captions = image_to_caption(pipe, rows, verbose=args.verbose)
+    table += [(f"image->caption family-word accuracy ({captions['count']})",
+               f"{captions['family_word_accuracy']:.0%}"),
+              ("image->caption BLEU-1", f"{captions['bleu1']:.1f}"),
+              ("image->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+    if args.verbose:
+        print("image -> 3D:")
+    result = text_to_shape(pipe, rows, **generate, condition="image")
+    table += [(f"image->3D family accuracy ({result['count']})", f"{result['family_accuracy']:.0%}"),
+              ("image->3D proportion accuracy", f"{result['proportion_accuracy']:.0%}"),
+              ("image->3D orientation accuracy", f"{result['orientation_accuracy']:.0%}")]
 
     few = rows[: args.num_token]
     block = text_to_shape(pipe, few, **{**generate, "verbose": False}, batch_size=1)

@@ -162,17 +162,21 @@ def run_render(args) -> int:
     return 0
 
 
+def _read_image(path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise CLIError(f"{what} {path}: not a readable image ({error}).") from error
+
+
 def run_caption(args) -> int:
     path = _existing_file(args.input, "input")
     is_image = path.suffix.lower() in _IMAGE_SUFFIXES
     if is_image:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise CLIError(f"input {path}: not a readable image ({error}).") from error
+        image = _read_image(path, "input")
     else:
         from .mesh_utils import load_mesh
 
@@ -197,8 +201,13 @@ def run_generate(args) -> int:
     import torch
 
     output = _check_output(args.output, {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}, "-o/--output")
-    if not args.prompt.strip():
+    if (args.prompt is None) == (args.image is None):
+        raise CLIError("give either a PROMPT (text -> mesh) or --image FILE (image -> mesh), not "
+                       + ("both." if args.prompt is not None else "neither."))
+    if args.prompt is not None and not args.prompt.strip():
         raise CLIError("the prompt is empty.")
+    condition = {"prompt": args.prompt} if args.prompt is not None else {
+        "image": _read_image(_existing_file(args.image, "--image"), "--image")}
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}.")
     if args.octree_resolution < 4:
@@ -207,7 +216,7 @@ def run_generate(args) -> int:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     try:
-        out = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        out = pipe(**condition, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                    num_shape_tokens=args.num_shape_tokens, generator=generator,
                    octree_resolution=args.octree_resolution, mc_level=args.mc_level)
     except ValueError as error:
@@ -266,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="latent rows for a mesh; None = the model's")
     caption.set_defaults(func=run_caption)
 
-    generate = subcommands.add_parser("generate", help="generate a mesh from a text prompt",
+    generate = subcommands.add_parser("generate", help="generate a mesh from a text prompt or an image",
                                       formatter_class=defaults)
-    generate.add_argument("prompt", metavar="PROMPT", help="text prompt, e.g. \"a tall cylinder\"")
+    generate.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                          help="text prompt, e.g. \"a tall cylinder\" (or give --image)")
+    generate.add_argument("--image", default=None, help="image file (png, jpg, ...) to generate from instead")
     generate.add_argument("-o", "--output", default="out.glb", help="output mesh (glb, obj, ply, stl, off)")
     generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
     generate.add_argument("--steps", type=int, default=50, help="Euler denoising steps")

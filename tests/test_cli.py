@@ -30,11 +30,12 @@ def pipe_dir(tmp_path_factory):
     return folder
 
 
-def _iso_level(folder, prompt, steps, seed):
+def _iso_level(folder, prompt, steps, seed, image=None):
     """A random field has no meaningful 0 level; the median of its values on a coarse grid always cuts a surface."""
     pipe = CGMLLMPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+    condition = {"prompt": prompt} if image is None else {"image": image}
+    latents = pipe(**condition, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                    output_type="latent").latents
     with torch.no_grad():
         features = pipe.vae.decode(latents / pipe.vae.config.scale_factor)
@@ -106,6 +107,13 @@ def test_caption_mesh_and_image(pipe_dir, tmp_path, capsys):
     image_path = tmp_path / "photo.png"
     Image.fromarray((np.random.RandomState(0).rand(48, 48, 3) * 255).astype("uint8")).save(image_path)
     assert cli.main(["caption", str(image_path), "--model", str(pipe_dir), "--max-new-tokens", "4"]) == 0
+    # image -> mesh from the same file
+    level = _iso_level(pipe_dir, None, steps=2, seed=0, image=Image.open(image_path).convert("RGB"))
+    output = tmp_path / "from_image.ply"
+    rc = cli.main(["generate", "--image", str(image_path), "-o", str(output), "--model", str(pipe_dir), "--steps",
+                   "2", "--octree-resolution", "16", "--mc-level", repr(level)])
+    assert rc == 0, capsys.readouterr().err
+    assert len(trimesh.load(output, force="mesh").faces) > 0
 
 
 def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
@@ -119,6 +127,12 @@ def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
     assert "model_index.json" in capsys.readouterr().err
     assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb"), "--model", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["generate", "-o", str(tmp_path / "x.glb"), "--model", str(pipe_dir)]) == 2
+    assert "either a PROMPT" in capsys.readouterr().err
+    assert cli.main(["generate", "a ball", "--image", str(fake_image), "--model", str(pipe_dir)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli.main(["generate", "--image", str(fake_image), "--model", str(pipe_dir)]) == 2
+    assert "--image" in capsys.readouterr().err
     # Without --model and without a shipped folder: the error names the paths to use.
     monkeypatch.setattr(cli, "default_model_dir", lambda: None)
     assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb")]) == 2

@@ -207,8 +207,11 @@ def test_build_and_load_dataset(tmp_path):
     from cgmllm.training.data import load_caption_dataset
 
     captions = load_caption_dataset(output_dir, split="test")
-    assert captions.num_rows == 8 and set(captions.column_names) == {"uid", "caption", "mesh", "captions"}
+    assert captions.num_rows == 8 and set(captions.column_names) == {"uid", "caption", "mesh", "captions", "image"}
     assert captions["caption"] == test["caption"] and captions["captions"] == test["captions"]
+    assert captions[0]["image"].size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(captions[3]["image"]), np.asarray(test[3]["image"]))
+    assert "image" not in load_caption_dataset(output_dir, split="test", image_column=None).column_names
 
     # The files are ordinary meshes too.
     assert trimesh.load(output_dir / "train" / "meshes" / "00000.ply").is_watertight

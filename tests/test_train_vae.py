@@ -58,10 +58,11 @@ def test_missing_data_is_a_clear_error(tmp_path):
         train_vae.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--steps", "1"])
 
 
-def test_stretch_augmentation_keeps_occupancy_and_the_cube():
-    # A real mesh (not made here), sampled as the VAE cache does. The stretched samples must be the samples of one
-    # per-axis stretch (+ re-normalisation) of the mesh: cached labels = occupancy of the stretched mesh, normals
-    # transformed by the inverse transpose, the surface fitted to the VAE cube again.
+@pytest.mark.parametrize("rotate", [0.0, 1.0])
+def test_augmentation_keeps_occupancy_and_the_cube(rotate):
+    # A real mesh (not made here), sampled as the VAE cache does. The augmented samples must be the samples of one
+    # affine map of the mesh (per-axis stretch, then a rotation if asked, then re-normalisation): cached labels =
+    # occupancy of the mapped mesh, normals mapped by the inverse transpose, the surface fitted to the VAE cube again.
     from cgmllm.mesh_utils import load_mesh, normalize_mesh, occupancy, sample_sdf_points, sample_surface
 
     mesh = normalize_mesh(load_mesh("../shared/data/real_meshes/nut.ply"))[0]
@@ -69,29 +70,44 @@ def test_stretch_augmentation_keeps_occupancy_and_the_cube():
     points, labels = sample_sdf_points(mesh, num_near=256, num_uniform=256, seed=1)
     points = points[None].astype(np.float32)
 
-    same = train_vae.stretch_samples(surface, points, np.random.default_rng(0), 1.0)
+    same = train_vae.augment_samples(surface, points, np.random.default_rng(0), 1.0, 0.0)
     assert same[0] is surface and same[1] is points
     with pytest.raises(ValueError, match="max_stretch must be >= 1"):
-        train_vae.stretch_samples(surface, points, np.random.default_rng(0), 0.5)
+        train_vae.augment_samples(surface, points, np.random.default_rng(0), 0.5)
+    with pytest.raises(ValueError, match="rotate is a probability"):
+        train_vae.augment_samples(surface, points, np.random.default_rng(0), 2.0, 1.5)
 
-    new_surface, new_points = train_vae.stretch_samples(surface, points, np.random.default_rng(3), 3.0)
+    new_surface, new_points = train_vae.augment_samples(surface, points, np.random.default_rng(3), 3.0, rotate)
     xyz = new_surface[0, :, :3]
     extent = xyz.max(0) - xyz.min(0)
     assert np.isclose(extent.max(), 2 * 0.9999, atol=1e-4) and np.allclose(xyz.max(0) + xyz.min(0), 0, atol=1e-4)
 
-    # Recover the affine map from the surface points: a per-axis stretch (diagonal), not the identity.
+    # Recover the affine map x' = A x + b from the surface points.
     homogeneous = np.c_[surface[0, :, :3], np.ones(len(xyz))]
     solution = np.linalg.lstsq(homogeneous, xyz, rcond=None)[0]  # (4, 3): x' = x @ A^T + b
     assert np.allclose(homogeneous @ solution, xyz, atol=1e-4)
     linear, shift = solution[:3].T, solution[3]
-    assert np.allclose(linear, np.diag(np.diag(linear)), atol=1e-4)
-    assert np.ptp(np.diag(linear)) > 0.05  # the axes were stretched differently
+    # A = c R diag(s): A^T A = c^2 diag(s)^2 is diagonal with unequal entries (the axes were stretched differently);
+    # A itself is diagonal exactly when no rotation was applied.
+    gram = linear.T @ linear
+    assert np.allclose(gram, np.diag(np.diag(gram)), atol=1e-4) and np.ptp(np.sqrt(np.diag(gram))) > 0.05
+    assert np.allclose(linear, np.diag(np.diag(linear)), atol=1e-4) == (rotate == 0.0)
     np.testing.assert_allclose(np.c_[points[0], np.ones(len(points[0]))] @ solution, new_points[0], atol=1e-4)
 
-    stretched = mesh.copy()
-    stretched.vertices = np.asarray(mesh.vertices) @ linear.T + shift
-    np.testing.assert_array_equal(occupancy(stretched, new_points[0]) > 0.5, labels > 0.5)
+    mapped = mesh.copy()
+    mapped.vertices = np.asarray(mesh.vertices) @ linear.T + shift
+    np.testing.assert_array_equal(occupancy(mapped, new_points[0]) > 0.5, labels > 0.5)
     expected_normals = surface[0, :, 3:6] @ np.linalg.inv(linear)  # n' ~ A^-T n
     expected_normals /= np.linalg.norm(expected_normals, axis=-1, keepdims=True)
     np.testing.assert_allclose(new_surface[0, :, 3:6], expected_normals, atol=1e-4)
     np.testing.assert_array_equal(new_surface[0, :, 6], surface[0, :, 6])
+
+
+def test_random_rotations_are_rotations():
+    rotations = train_vae.random_rotations(2000, np.random.default_rng(0))
+    np.testing.assert_allclose(rotations @ rotations.transpose(0, 2, 1), np.broadcast_to(np.eye(3), (2000, 3, 3)),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.linalg.det(rotations), 1.0, atol=1e-6)
+    # Uniform on SO(3): every column is uniform on the sphere, so each entry has mean 0 and variance 1/3.
+    np.testing.assert_allclose(rotations.mean(0), 0.0, atol=0.05)
+    np.testing.assert_allclose(rotations.var(0), 1 / 3, atol=0.04)

@@ -97,6 +97,35 @@ def test_bad_samples_raise_naming_the_sample_or_are_skipped_with_a_warning(tmp_p
         load_caption_dataset(tmp_path, layout="zip")
 
 
+def test_meshfolder_images_reach_the_latent_cache_and_the_image_tasks(tmp_path, processor):
+    # metadata.csv may name a view of each object; it is loaded as an `Image()` column, checked up front, carried
+    # through the latent cache and fed to the image tasks (the tiny world embeds its views in metadata.parquet).
+    from PIL import Image
+
+    folder = Path(write_mesh_folder(tmp_path / "d", names=["box", "cone"]))
+    rng = np.random.default_rng(0)
+    for name in ("box", "cone"):
+        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "metadata.csv").write_text("file_name,caption,image\nbox.glb,a small box,box.png\n"
+                                         "cone.glb,a pointy cone,cone.png\n")
+    ds = load_caption_dataset(folder)
+    assert ds.column_names == ["uid", "caption", "mesh", "image"] and ds[0]["image"].size == (40, 24)
+    assert load_caption_dataset(folder, image_column=None).column_names == ["uid", "caption", "mesh"]
+
+    cache = encode_dataset(ds, tiny_vae(), 4)
+    assert cache.column_names == ["uid", "caption", "image", "latents"]
+    np.testing.assert_array_equal(np.asarray(cache[1]["image"]), np.asarray(Image.open(folder / "cone.png")))
+    batch = CGMLLMDataCollator(processor, 4, task_weights={"image_caption": 1.0}, condition_dropout=0.0)(list(cache))
+    assert int((batch["input_ids"] == processor.special_token_ids["image_token_id"]).sum()) > 0
+
+    (folder / "cone.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="'cone': unreadable image"):
+        load_caption_dataset(folder)
+    (folder / "cone.png").unlink()
+    with pytest.raises(ValueError, match="'cone': image file .*cone.png is missing"):
+        load_caption_dataset(folder)
+
+
 # 2. Latent cache ------------------------------------------------------------------------------------------------------
 def test_preprocess_cli_writes_a_reproducible_latent_cache(tmp_path, mesh_folder):
     vae = tiny_vae()
@@ -273,6 +302,22 @@ def test_example_config_runs_all_stages(tmp_path, mesh_folder):
     torch.testing.assert_close(final.llm2obj.weight, model.llm2obj.weight)
     # Stage 2 started from stage 1's weights: its first logged loss is not the fresh-model loss.
     assert results[1]["log_history"][0]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_set_overrides_reach_nested_keys_and_list_items():
+    from cgmllm.training.cli import load_config
+
+    config = load_config(EXAMPLE_CONFIG, ["stages.0.max_steps=7", "stages.-1.learning_rate=[1.0e-4, 2.0e-5]",
+                                          "training.logging_steps=3", "tasks.image_caption=0.5"])
+    stages = config["stages"]  # expanded: the progressive stage has one entry per resolution
+    assert stages[0].max_steps == 7 and stages[-1].learning_rate == pytest.approx(2e-5)
+    assert config["training"]["logging_steps"] == 3 and config["tasks"]["image_caption"] == 0.5
+    with pytest.raises(ValueError, match="stages is a list of 2; expected an index, got 'align'"):
+        load_config(EXAMPLE_CONFIG, ["stages.align.max_steps=7"])
+    with pytest.raises(ValueError, match="stages is a list of 2; expected an index, got '5'"):
+        load_config(EXAMPLE_CONFIG, ["stages.5.max_steps=7"])
+    with pytest.raises(ValueError, match="seed is a int, not a mapping or list"):
+        load_config(EXAMPLE_CONFIG, ["seed.value=1"])
 
 
 def test_config_errors_name_the_key_or_stage(tmp_path):

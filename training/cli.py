@@ -35,14 +35,24 @@ STAGE_OWNED = {"output_dir", "learning_rate", "max_steps", "num_train_epochs", "
 
 
 def _apply_override(config: dict, assignment: str) -> None:
+    """`key.sub=value` (YAML value) into the config; an integer part indexes a list (`stages.0.max_steps=10`)."""
     if "=" not in assignment:
         raise ValueError(f"--set expects key.sub=value, got {assignment!r}.")
     key, value = assignment.split("=", 1)
     node = config
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ValueError(f"--set {key}: {where} is a list of {len(node)}; expected an index, got {part!r}.")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {where} is a {type(node).__name__}, not a mapping or list.")
+        if depth == len(parts) - 1:
+            node[part] = yaml.safe_load(value)
+        else:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
 
 
 def load_config(path, overrides=()) -> dict:

@@ -8,6 +8,9 @@ Every loader returns a `datasets.Dataset` with the columns
     points   Sequence(Sequence(float32)) `(P, 6|7)` point cloud, xyz + normal [+ sharp flag] (Cap3D `.npy`)
     captions Sequence(string)            optional: paraphrases of `caption`, when the metadata has them (the
                                           collator then draws one per sample and epoch)
+    image    Image()                     optional: a view of the object, when the meshfolder metadata has an
+                                          image column (embedded bytes, or a file name relative to the metadata);
+                                          the collator's image -> 3D and image captioning tasks need it
 
 Layouts:
     meshfolder  `DIR/[split/]*.glb|ply|stl` + `metadata.csv|jsonl|parquet` with `file_name` and a caption column
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, Mesh, Sequence, Value, load_dataset
+from datasets import Dataset, Features, Image, Mesh, Sequence, Value, load_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -49,8 +52,9 @@ def load_caption_dataset(
     split: str = "train",
     skip_bad_samples: bool = False,
     validate: bool = True,
+    image_column: str | None = "image",
 ) -> Dataset:
-    """Load a 3D caption set into the common schema (`uid`, `caption`, `mesh` or `points`).
+    """Load a 3D caption set into the common schema (`uid`, `caption`, `mesh` or `points`, optional `image`).
 
     Args:
         path_or_spec: a folder, a parquet file / glob, or for Cap3D a dict `{"captions": CSV, "shapes": DIR}`.
@@ -60,13 +64,14 @@ def load_caption_dataset(
         split: split of the meshfolder layout.
         skip_bad_samples: drop bad samples with a warning instead of raising.
         validate: parse every mesh once (slow for large sets; the error then names the sample up front).
+        image_column: meshfolder metadata column with a view of each object (`None`: never load images).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}; expected one of {LAYOUTS}.")
     if layout == "auto":
         layout = detect_layout(path_or_spec)
     if layout == "meshfolder":
-        rows = _meshfolder_rows(path_or_spec, caption_column, split)
+        rows = _meshfolder_rows(path_or_spec, caption_column, split, image_column)
     elif layout == "cap3d":
         rows = _cap3d_rows(path_or_spec)
     else:
@@ -83,6 +88,10 @@ def load_caption_dataset(
         features[PARAPHRASE_COLUMN] = Sequence(Value("string"))
         for row in rows:
             row.setdefault(PARAPHRASE_COLUMN, [row["caption"]])
+    if any(row.get("image") is not None for row in rows):
+        features["image"] = Image()
+        for row in rows:
+            row.setdefault("image", None)
     columns = {name: [row[name] for row in rows] for name in features}
     return Dataset.from_dict(columns, features=features)
 
@@ -110,7 +119,19 @@ def detect_layout(path_or_spec) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Layout readers: each yields dicts {uid, caption, mesh|points, _error}
 # ----------------------------------------------------------------------------------------------------------------
-def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
+def _image_source(value, folder: Path):
+    """A metadata image entry -> `Image()` input: embedded `{"bytes", "path"}`, or a file name relative to the
+    metadata file (made absolute, as the mesh paths are)."""
+    if value is None or isinstance(value, dict) and not (value.get("bytes") or value.get("path")):
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return {"bytes": bytes(value["bytes"]), "path": None}
+        value = value["path"]
+    return {"bytes": None, "path": str(folder / str(value))}
+
+
+def _meshfolder_rows(folder, caption_column: str, split: str, image_column: str | None = None) -> list[dict]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"Mesh folder {folder} does not exist.")
@@ -130,8 +151,8 @@ def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
             import pyarrow.parquet as pq
 
             names = pq.read_schema(meta).names
-            # Only the text columns: a rendered image column would be read for nothing.
-            wanted = [name for name in ("file_name", caption_column, PARAPHRASE_COLUMN) if name in names]
+            wanted = [name for name in ("file_name", caption_column, PARAPHRASE_COLUMN, image_column)
+                      if name in names]
             records = pq.read_table(meta, columns=wanted).to_pylist()
         else:
             continue
@@ -146,6 +167,10 @@ def _meshfolder_rows(folder, caption_column: str, split: str) -> list[dict]:
                    "mesh": {"path": str(mesh_path), "bytes": None}, "_error": error}
             if record.get(PARAPHRASE_COLUMN):
                 row[PARAPHRASE_COLUMN] = [str(text) for text in record[PARAPHRASE_COLUMN]]
+            if image_column and record.get(image_column) is not None:
+                row["image"] = _image_source(record[image_column], meta.parent)
+                if row["image"] and row["image"]["path"] and not Path(row["image"]["path"]).is_file() and not error:
+                    row["_error"] = f"image file {row['image']['path']} is missing"
             rows.append(row)
     if not rows:
         raise ValueError(f"{root} has no metadata.csv / metadata.jsonl / metadata.parquet with `file_name` and "
@@ -240,6 +265,8 @@ def _check_rows(rows: list[dict], skip_bad_samples: bool, validate: bool) -> lis
                     load_mesh(_mesh_source(row["mesh"]))
             except ValueError as exc:
                 error = f"unreadable shape: {exc}"
+            if error is None and row.get("image") is not None:
+                error = _image_error(row["image"])
         elif error is None and row.get("points") is not None:
             row["points"] = load_points(row["points"]).tolist()
         if error is not None:
@@ -266,6 +293,20 @@ def load_points(path) -> np.ndarray:
             f"{points.shape}."
         )
     return points.astype(np.float32)
+
+
+def _image_error(image: dict) -> str | None:
+    """None if the `Image()` entry decodes, else why not (checked up front, not deep inside a training step)."""
+    import io
+
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as opened:
+            opened.verify()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"unreadable image: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _mesh_source(mesh: dict):

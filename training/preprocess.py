@@ -1,7 +1,8 @@
 """Encode a 3D caption set once with the frozen ShapeVAE into a cached `datasets` folder.
 
-The cache has the columns `uid`, `caption` and one latent column per resolution: `latents` `(N, C)` float32 when a
-single `num_latents` is asked for, else `latents_{N}` for each N (the stages of progressive training).
+The cache has the columns `uid`, `caption` (plus `captions` and `image` when the data has them) and one latent column
+per resolution: `latents` `(N, C)` float32 when a single `num_latents` is asked for, else `latents_{N}` for each N
+(the stages of progressive training).
 
     cgmllm-preprocess --data DATA --shape-vae VAE --num-latents 512 1024 --out CACHE
 """
@@ -11,7 +12,7 @@ import logging
 import os
 
 import torch
-from datasets import Array2D, Dataset, Features, Sequence, Value, load_from_disk
+from datasets import Array2D, Dataset, Features, Image, Sequence, Value, load_from_disk
 
 from .data import LAYOUTS, PARAPHRASE_COLUMN, example_surface, load_caption_dataset
 
@@ -46,7 +47,7 @@ def encode_latents(vae, surfaces: torch.Tensor, num_latents: int, seed: int = 0)
 def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | None = None,
                    num_sharp_points: int | None = None, seed: int = 0, batch_size: int = 8) -> Dataset:
     """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption` (and `captions`
-    paraphrases when the data set has them) and the latent column(s).
+    paraphrases and the `image` view when the data set has them) and the latent column(s).
 
     Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
     uses seed `seed + i`, so the cache is reproducible.
@@ -58,6 +59,9 @@ def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | Non
     text_columns = {"uid": Value("string"), "caption": Value("string")}
     if PARAPHRASE_COLUMN in dataset.column_names:
         text_columns[PARAPHRASE_COLUMN] = Sequence(Value("string"))
+    if "image" in dataset.column_names:  # carried for the image tasks; not decoded here
+        dataset = dataset.cast_column("image", Image(decode=False))
+        text_columns["image"] = Image()
     features = Features({**text_columns,
                          **{latent_column(n, sizes): Array2D((n, channels), "float32") for n in sizes}})
 

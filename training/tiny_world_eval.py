@@ -11,7 +11,9 @@ numbers, so the benchmark prints them as a table and the test suite checks a flo
                          classifiers on the ground-truth mesh);
 * `shape_to_caption`     caption the ground-truth meshes; family-word accuracy, BLEU-1 and ROUGE-L (PointLLM's
                          protocol: nltk `sentence_bleu` weights (1, 0, 0, 0) with smoothing method1, the `rouge`
-                         package's ROUGE-L F, both x100) against the sample's paraphrases as references.
+                         package's ROUGE-L F, both x100) against the sample's paraphrases as references;
+* `image_to_caption`     the same for the rendered views (the data set's `image` column);
+* `text_to_shape(..., condition="image")`  image -> 3D from the rendered views, scored as text -> 3D.
 """
 
 import time
@@ -22,7 +24,9 @@ import torch
 import trimesh
 
 from ..mesh_utils import normalize_mesh, occupancy
+from ..rendering import render_mesh
 from .tiny_world import (
+    DATASET_VIEW,
     FAMILIES,
     classify_family,
     classify_orientation,
@@ -37,7 +41,7 @@ def heldout_rows(num_train: int = 2000, num_heldout: int = 200, seed: int = 0) -
 
     Same specs (and so the same meshes and captions) as `build_tiny_world_dataset` with the same arguments; the
     rows carry `caption`, `captions` (every paraphrase), `family`, the attributes, `novel_combination` and the
-    ground-truth `mesh`.
+    ground-truth `mesh`; `render_view(row)` gives the `image` the data set would hold.
     """
     novel = {spec.combination for spec in split_combinations(seed).novel}
     rows = []
@@ -47,6 +51,14 @@ def heldout_rows(num_train: int = 2000, num_heldout: int = 200, seed: int = 0) -
         row.update({name: spec.attributes.get(name) for name in ("proportion", "thickness", "orientation")})
         rows.append(row)
     return rows
+
+
+def render_view(row: dict, image_size: int = 128):
+    """The row's `image` (a data set built with images has it), else its mesh rendered as the data set renders it
+    (`DATASET_VIEW`, `image_size` pixels; the recipe's data set uses the default 128)."""
+    if row.get("image") is not None:
+        return row["image"]
+    return render_mesh(row["mesh"], image_size, **DATASET_VIEW)
 
 
 def single_shape_rows(dataset, num: int | None = None, subset: str = "all") -> list[dict]:
@@ -111,12 +123,15 @@ def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, 
 @torch.no_grad()
 def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, guidance_scale: float = 4.0,
                   octree_resolution: int = 64, seed: int = 0, batch_size: int = 10, shape_block_size=None,
-                  verbose: bool = False) -> dict:
-    """Generate one shape per row from its canonical caption (row `i` with generator seed `seed + i`) and score it.
+                  verbose: bool = False, condition: str = "text") -> dict:
+    """Generate one shape per row from its canonical caption (`condition="text"`) or its rendered view
+    (`condition="image"`, `render_view`), row `i` with generator seed `seed + i`, and score it.
 
     Returns `family_accuracy`, `proportion_accuracy` and `orientation_accuracy` (each over the rows where the
     ground-truth mesh has that property), the per-row `predictions`, and `seconds` spent generating.
     """
+    if condition not in ("text", "image"):
+        raise ValueError(f"condition must be 'text' or 'image', got {condition!r}.")
     predictions, family_hits = [], 0
     proportion = [0, 0]
     orientation = [0, 0]
@@ -125,7 +140,9 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
         batch = rows[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         tick = time.perf_counter()
-        output = pipe([row["caption"] for row in batch], num_inference_steps=num_inference_steps,
+        inputs = ({"prompt": [row["caption"] for row in batch]} if condition == "text"
+                  else {"image": [render_view(row) for row in batch]})
+        output = pipe(**inputs, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, octree_resolution=octree_resolution, generator=generators,
                       shape_block_size=shape_block_size)
         seconds += time.perf_counter() - tick
@@ -175,13 +192,17 @@ def names_family(caption: str, family: str) -> bool:
 
 @torch.no_grad()
 def shape_to_caption(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 10,
-                     verbose: bool = False) -> dict:
-    """Caption the ground-truth meshes; family-word accuracy, mean BLEU-1 and ROUGE-L (x100)."""
+                     verbose: bool = False, condition: str = "mesh") -> dict:
+    """Caption the ground-truth meshes (or, `condition="image"`, their rendered views); family-word accuracy,
+    mean BLEU-1 and ROUGE-L (x100)."""
+    if condition not in ("mesh", "image"):
+        raise ValueError(f"condition must be 'mesh' or 'image', got {condition!r}.")
     hits, bleus, rouges, captions = 0, [], [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        for row, caption in zip(batch, pipe.caption(mesh=[row["mesh"] for row in batch],
-                                                    max_new_tokens=max_new_tokens)):
+        inputs = ({"mesh": [row["mesh"] for row in batch]} if condition == "mesh"
+                  else {"image": [render_view(row) for row in batch]})
+        for row, caption in zip(batch, pipe.caption(**inputs, max_new_tokens=max_new_tokens)):
             hits += names_family(caption, row["family"])
             bleu, rouge = caption_scores(caption, row["captions"] or [row["caption"]])
             bleus.append(bleu)
@@ -191,3 +212,8 @@ def shape_to_caption(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch
                 print(f"  {row['caption']!r:48} <- {caption!r}", flush=True)
     return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": float(np.mean(bleus)),
             "rouge_l": float(np.mean(rouges)), "count": len(rows), "captions": captions}
+
+
+def image_to_caption(pipe, rows: Sequence[dict], **kwargs) -> dict:
+    """`shape_to_caption` on the rendered views (`render_view`) instead of the meshes."""
+    return shape_to_caption(pipe, rows, condition="image", **kwargs)

@@ -81,32 +81,51 @@ def precompute_samples(
     return arrays
 
 
-def stretch_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Generator, max_stretch: float,
-                    scale: float = 0.9999) -> tuple[np.ndarray, np.ndarray]:
-    """Augment cached samples by a random per-axis stretch, then re-normalise them to the VAE cube.
+def random_rotations(count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rotation matrices `(count, 3, 3)`, uniform on SO(3) (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.normal(size=(count, 3, 3)))
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]  # unique Q with a positive diagonal of R: Haar
+    q[np.linalg.det(q) < 0, :, 0] *= -1  # reflections -> rotations
+    return q
+
+
+def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Generator, max_stretch: float = 1.0,
+                    rotate: float = 0.0, scale: float = 0.9999) -> tuple[np.ndarray, np.ndarray]:
+    """Augment cached samples by a random per-axis stretch and/or rotation, then re-normalise them to the VAE cube.
 
     `surface` `(B, P, 7)` (xyz, normal, sharp flag) and `points` `(B, Q, 3)` are stretched by `s ~ exp(U(-log a, log
-    a))` per axis and mesh (`a = max_stretch`); normals by `n / s` (the inverse transpose), re-normalised. Occupancy
-    is unchanged by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding
-    box is centred and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
+    a))` per axis and mesh (`a = max_stretch`), then, with probability `rotate`, rotated by a uniformly random `R`: in all
+    `x -> R (s * x)`. Normals follow the inverse transpose, `n -> R (n / s)`, re-normalised. Occupancy is unchanged
+    by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding box is centred
+    and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
 
-    This turns the few proportions of a small training set (e.g. regular and tall boxes) into a continuum (flat,
-    long, ... boxes) without touching held-out data: the VAE then reconstructs proportions it never saw.
+    This turns the few proportions and poses of a small training set (e.g. regular and tall boxes, upright or lying)
+    into a continuum (flat, long, tilted ... boxes) without touching held-out data: the VAE then reconstructs
+    geometry it never saw instead of snapping to the nearest training shape.
     """
     if max_stretch < 1.0:
-        raise ValueError(f"max_stretch must be >= 1 (1 = no augmentation), got {max_stretch}.")
-    if max_stretch == 1.0:
+        raise ValueError(f"max_stretch must be >= 1 (1 = no stretch), got {max_stretch}.")
+    if not 0.0 <= rotate <= 1.0:
+        raise ValueError(f"rotate is a probability in [0, 1], got {rotate}.")
+    if max_stretch == 1.0 and rotate == 0.0:
         return surface, points
-    log_a = np.log(max_stretch)
-    stretch = np.exp(rng.uniform(-log_a, log_a, size=(surface.shape[0], 1, 3))).astype(np.float32)  # (B, 1, 3)
-    xyz = surface[..., :3] * stretch
-    normals = surface[..., 3:6] / stretch
+    batch = surface.shape[0]
+    linear = np.tile(np.eye(3), (batch, 1, 1))  # (B, 3, 3): x' = x @ linear^T
+    if max_stretch > 1.0:
+        log_a = np.log(max_stretch)
+        linear = linear * np.exp(rng.uniform(-log_a, log_a, size=(batch, 1, 3)))  # diag(s)
+    if rotate > 0.0:
+        rotated = rng.random(batch) < rotate
+        linear[rotated] = random_rotations(int(rotated.sum()), rng) @ linear[rotated]
+    linear = linear.astype(np.float32)
+    xyz = surface[..., :3] @ linear.transpose(0, 2, 1)
+    normals = surface[..., 3:6] @ np.linalg.inv(linear)  # n^T A^-1 = (A^-T n)^T
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True).clip(min=1e-8)
     low, high = xyz.min(axis=1, keepdims=True), xyz.max(axis=1, keepdims=True)  # (B, 1, 3)
     center = (low + high) / 2
     factor = 2 * scale / (high - low).max(axis=-1, keepdims=True)  # (B, 1, 1)
     surface = np.concatenate([(xyz - center) * factor, normals, surface[..., 6:]], axis=-1)
-    points = (points * stretch - center) * factor
+    points = (points @ linear.transpose(0, 2, 1) - center) * factor
     return surface.astype(np.float32), points.astype(np.float32)
 
 
@@ -195,8 +214,8 @@ def train_vae(args) -> dict:
         queries = rng.choice(total_queries, size=min(args.queries_per_step, total_queries), replace=False)
         # Train on a random number of latents in [min, max] so the encoder serves every stage resolution.
         num_latents = int(rng.integers(args.min_latents or args.num_latents, args.num_latents + 1))
-        surface, points = stretch_samples(train["surface"][index], train["points"][index][:, queries], rng,
-                                          args.stretch)
+        surface, points = augment_samples(train["surface"][index], train["points"][index][:, queries], rng,
+                                          args.stretch, args.rotate)
         loss = vae.compute_loss(
             torch.from_numpy(surface), torch.from_numpy(points), torch.from_numpy(train["labels"][index][:, queries]),
             kl_weight=args.kl_weight, num_latents=num_latents, generator=generator,
@@ -248,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-logvar", type=float, default=-6.0,
                         help="initial posterior log-variance (see build_vae); the PyTorch default init is ~0")
     parser.add_argument("--stretch", type=float, default=1.0,
-                        help="augment: random per-axis stretch up to this factor (see stretch_samples); 1 = off")
+                        help="augment: random per-axis stretch up to this factor (see augment_samples); 1 = off")
+    parser.add_argument("--rotate", type=float, default=0.0,
+                        help="augment: probability of a uniformly random rotation per sample (see augment_samples)")
     parser.add_argument("--num-freqs", type=int, default=8, help="Fourier frequencies of the point embedding")
     parser.add_argument("--downsample-ratio", type=int, default=8, help="surface points per latent")
     parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")
