@@ -1,5 +1,6 @@
 """The shipped tiny-world checkpoint (`checkpoints/tiny-world`, the CLI's default model) really generates and
-captions: a floor on held-out prompts with fixed seeds (the full measurement is `benchmarks/eval_tiny_world.py`)."""
+captions, from text, meshes and rendered views: a floor on held-out prompts with fixed seeds (the full measurement is
+`benchmarks/eval_tiny_world.py`)."""
 
 import pytest
 import torch
@@ -52,6 +53,18 @@ def test_mesh_caption_names_the_family(pipe, rows):
 
     result = shape_to_caption(pipe, rows[::2], max_new_tokens=24)
     assert result["family_word_accuracy"] >= 0.7, result["captions"]
+
+
+def test_image_caption_and_image_to_shape(pipe, rows):
+    # The views are rendered as the data set renders them (128 px, one camera): image tasks are trained in the recipe.
+    from cgmllm.training.tiny_world_eval import image_to_caption, text_to_shape
+
+    torch.set_num_threads(2)
+    captions = image_to_caption(pipe, rows[::2], max_new_tokens=24)
+    assert captions["family_word_accuracy"] >= 0.6, captions["captions"]
+    result = text_to_shape(pipe, rows[::2], num_inference_steps=25, guidance_scale=4.0, octree_resolution=64,
+                           seed=0, batch_size=10, condition="image")
+    assert result["family_accuracy"] >= 0.5, result["predictions"]
 
 
 def test_vae_round_trip_keeps_the_shapes(pipe, rows):

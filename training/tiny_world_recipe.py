@@ -2,10 +2,12 @@
 
     python -m cgmllm.training.tiny_world_recipe --out runs/tiny-world [--config tiny_world.yaml --set KEY=VALUE ...]
 
-1. build the tiny world (`build_tiny_world_dataset`) into `OUT/data`;
+1. build the tiny world (`build_tiny_world_dataset`, with a rendered view per sample unless `--no-images`) into
+   `OUT/data`;
 2. train a ShapeVAE on it (`cgmllm.training.train_vae`) into `OUT/vae_run/vae`;
 3. encode every training shape at each stage resolution of the config into a latent cache `OUT/latents`
-   (`preprocess.encode_dataset` + `save_to_disk`, columns `latents_<N>`);
+   (`preprocess.encode_dataset` + `save_to_disk`, columns `latents_<N>`, the views carried along for the image
+   tasks);
 4. run the config's stages (`cgmllm-train`: stage 1 alignment + progressive stage 2) into `OUT/stages`;
 5. save the pipeline (model + VAE + scheduler + processor) to `OUT/pipeline` (`cgmllm generate --model OUT/pipeline`).
 
@@ -32,11 +34,17 @@ out = pipe("a tall cylinder", num_inference_steps=25, guidance_scale=4.0, octree
            generator=torch.Generator().manual_seed(0))
 out.mesh.export("cylinder.glb")
 print(pipe.caption(mesh="cylinder.glb"))
+print(pipe.caption(image="view.png"))         # a view as the tiny world renders them (`tiny_world.DATASET_VIEW`)
+pipe(image="view.png").mesh.export("from_view.glb")
 ```
 
-or from the shell: `cgmllm generate "a tall cylinder" -o cylinder.glb`, `cgmllm caption cylinder.glb`.
-It knows only the tiny world: 9 shape families (sphere, box, cylinder, cone, pyramid, tube, torus, capsule,
-ellipsoid) with proportions (regular / tall / flat), thickness and orientation words. It was not trained on images."""
+or from the shell: `cgmllm generate "a tall cylinder" -o cylinder.glb`, `cgmllm caption cylinder.glb`,
+`cgmllm generate --image view.png -o from_view.glb`. It knows only the tiny world: 9 shape families (sphere, box,
+cylinder, cone, pyramid, tube, torus, capsule, ellipsoid) with proportions (regular / tall / flat), thickness and
+orientation words, seen as meshes or as 128-pixel renders from one camera."""
+
+TASK_NAMES = {"text_to_shape": "text -> 3D", "image_to_shape": "image -> 3D", "shape_caption": "3D -> caption",
+              "image_caption": "image -> caption"}
 
 
 def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") -> Path:
@@ -50,7 +58,8 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
         "(config `cgmllm/training/configs/tiny_world.yaml`), from nothing: the procedural tiny-world data set, a "
         "ShapeVAE (64 latents x 8 channels), then a tiny CG-MLLM (hidden 128, 4 MoT layers, BBPE tokenizer trained "
         "on the captions) through `cgmllm-train`: stage 1 alignment at N = 16 with 90% condition dropout, stage 2 "
-        "progressive N = 16 -> 32 -> 64 with dropout 50% -> 10%; tasks text -> 3D and 3D -> caption.",
+        "progressive N = 16 -> 32 -> 64 with dropout 50% -> 10%; tasks " + summary.get("tasks", "text -> 3D and "
+                                                                                     "3D -> caption") + ".",
         "",
         "| phase | wall time (s) |", "|---|---|",
         *[f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()],
@@ -64,9 +73,9 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
     card = render_model_card(
         "cg-mllm/tiny-world", model_name="CG-MLLM tiny world",
         model_description="A tiny CG-MLLM trained on the tiny world, the procedural 3D caption set of the `cg-mllm` "
-                          "package: it generates simple shapes from text and captions them, on a CPU in seconds. "
-                          "It is the package's default model and its end-to-end proof that the method works; it is "
-                          "not a general 3D model.",
+                          "package: it generates simple shapes from text or a rendered view and captions meshes and "
+                          "views, on a CPU in seconds. It is the package's default model and its end-to-end proof "
+                          "that the method works; it is not a general 3D model.",
         usage=TINY_WORLD_USAGE, training_summary="\n".join(lines), evaluation=evaluation,
         base_model=None, datasets=[], tags=["tiny-world"],  # trained from scratch: no base model
     )
@@ -115,6 +124,7 @@ def run_recipe(args) -> dict:
         "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
         "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(args.embed_dim),
         "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--num-near", str(args.num_near),
+        "--stretch", str(args.vae_stretch),
         "--num-uniform", str(args.num_uniform), "--queries-per-step", str(args.queries_per_step),
         "--num-workers", str(args.num_workers or 0), "--seed", str(args.seed),
         "--log-every", str(max(1, args.vae_steps // 10)),
@@ -141,7 +151,10 @@ def run_recipe(args) -> dict:
     pipe.save_pretrained(out / "pipeline")
     phase("save", start)
 
+    trained = [name for name, weight in (config.get("tasks") or {}).items()
+               if weight and (args.images or not name.startswith("image"))]
     summary = {"timings": timings, "vae": {k: vae_metrics.get(k) for k in ("train", "heldout", "timings")},
+               "tasks": ", ".join(TASK_NAMES.get(name, name) for name in trained),
                "stages": [{k: r[k] for k in ("stage", "num_shape_tokens", "train_loss")} for r in results],
                "pipeline": str(out / "pipeline"),
                "pipeline_mb": round(sum(f.stat().st_size for f in (out / "pipeline").rglob("*") if f.is_file()) / 2**20,
@@ -162,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config entry (as cgmllm-train --set)")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-heldout", type=int, default=200)
-    parser.add_argument("--images", action="store_true", help="render the image column of the data set")
+    parser.add_argument("--no-images", dest="images", action="store_false",
+                        help="no rendered views (the config's image tasks are then skipped)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild OUT/data even if it exists")
     parser.add_argument("--vae-steps", type=int, default=8000)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-width", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=16)
+    parser.add_argument("--vae-stretch", type=float, default=2.0, help="train_vae --stretch (augmentation)")
     parser.add_argument("--embed-dim", type=int, default=8, help="latent channels (= model shape_latent_channels)")
     parser.add_argument("--num-near", type=int, default=2048)
     parser.add_argument("--num-uniform", type=int, default=2048)
