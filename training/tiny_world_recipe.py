@@ -58,8 +58,8 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
         "(config `cgmllm/training/configs/tiny_world.yaml`), from nothing: the procedural tiny-world data set, a "
         "ShapeVAE (64 latents x 8 channels), then a tiny CG-MLLM (hidden 128, 4 MoT layers, BBPE tokenizer trained "
         "on the captions) through `cgmllm-train`: stage 1 alignment at N = 16 with 90% condition dropout, stage 2 "
-        "progressive N = 16 -> 32 -> 64 with dropout 50% -> 10%; tasks " + summary.get("tasks", "text -> 3D and "
-                                                                                     "3D -> caption") + ".",
+        "progressive N = 16 -> 32 -> 64 with dropout 50% -> 10%; tasks "
+        + summary.get("tasks", "text -> 3D, 3D -> caption") + ".",
         "",
         "| phase | wall time (s) |", "|---|---|",
         *[f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()],
@@ -123,9 +123,9 @@ def run_recipe(args) -> dict:
     vae_metrics = train_vae_main([
         "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
         "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(args.embed_dim),
-        "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--num-near", str(args.num_near),
-        "--stretch", str(args.vae_stretch),
-        "--num-uniform", str(args.num_uniform), "--queries-per-step", str(args.queries_per_step),
+        "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--stretch", str(args.vae_stretch),
+        "--num-near", str(args.num_near), "--num-uniform", str(args.num_uniform),
+        "--queries-per-step", str(args.queries_per_step),
         "--num-workers", str(args.num_workers or 0), "--seed", str(args.seed),
         "--log-every", str(max(1, args.vae_steps // 10)),
     ])

@@ -94,10 +94,10 @@ def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Gene
     """Augment cached samples by a random per-axis stretch and/or rotation, then re-normalise them to the VAE cube.
 
     `surface` `(B, P, 7)` (xyz, normal, sharp flag) and `points` `(B, Q, 3)` are stretched by `s ~ exp(U(-log a, log
-    a))` per axis and mesh (`a = max_stretch`), then, with probability `rotate`, rotated by a uniformly random `R`: in all
-    `x -> R (s * x)`. Normals follow the inverse transpose, `n -> R (n / s)`, re-normalised. Occupancy is unchanged
-    by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding box is centred
-    and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
+    a))` per axis and mesh (`a = max_stretch`), then, with probability `rotate`, rotated by a uniformly random `R`:
+    in all `x -> R (s * x)`. Normals follow the inverse transpose, `n -> R (n / s)`, re-normalised. Occupancy is
+    unchanged by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding box is
+    centred and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
 
     This turns the few proportions and poses of a small training set (e.g. regular and tall boxes, upright or lying)
     into a continuum (flat, long, tilted ... boxes) without touching held-out data: the VAE then reconstructs
