@@ -223,6 +223,20 @@ def test_sample_sdf_points(name):
     np.testing.assert_array_equal(labels, again[1])
 
 
+def test_sample_sdf_points_seeds_a_share_on_sharp_edges():
+    box = trimesh.creation.box(extents=(1.0, 0.6, 0.4))
+    points, labels = sample_sdf_points(box, num_near=400, num_uniform=0, seed=0, near_sigmas=(0.0,),
+                                       sharp_fraction=0.25)
+    # Without offsets a seed on an edge of the box has two coordinates on the box faces; area-uniform seeds only one.
+    on_faces = (np.abs(np.abs(points) - np.array([0.5, 0.3, 0.2])) < 1e-5).sum(axis=1)
+    assert (on_faces[300:] >= 2).all() and (on_faces[:300] >= 2).mean() < 0.05
+    assert labels.shape == (400,)
+    smooth = trimesh.creation.icosphere(subdivisions=3)  # no sharp edges: area-uniform seeds instead
+    assert sample_sdf_points(smooth, num_near=100, num_uniform=10, seed=0, sharp_fraction=1.0)[0].shape == (110, 3)
+    with pytest.raises(ValueError, match="sharp_fraction must be in"):
+        sample_sdf_points(box, num_near=10, num_uniform=10, sharp_fraction=1.5)
+
+
 def test_sample_sdf_points_matches_analytic_sphere():
     sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.7)
     points, labels = sample_sdf_points(sphere, num_near=500, num_uniform=1500, seed=3)

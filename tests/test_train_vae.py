@@ -51,6 +51,8 @@ def test_cache_is_reused_and_invalidated(world, tmp_path):
     np.testing.assert_array_equal(first["labels"], again["labels"])
     other = train_vae.precompute_samples(files, cache, 32, 64, 32, seed=0)  # other sizes: recomputed
     assert other["points"].shape == (3, 96, 3)
+    sharp = train_vae.precompute_samples(files, cache, 32, 64, 32, seed=0, sharp_fraction=0.5)  # other queries
+    assert sharp["points"].shape == (3, 96, 3) and not np.array_equal(sharp["points"], other["points"])
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

@@ -37,11 +37,12 @@ def find_meshes(folder: str | Path, split: str | None = None) -> list[Path]:
 def _sample_one(job):
     from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface
 
-    path, num_points, num_near, num_uniform, seed = job
+    path, num_points, num_near, num_uniform, seed, sharp_fraction = job
     mesh = normalize_mesh(load_mesh(path))[0]
     num_sharp = num_points // 2  # the processor's default split between the two pools
     surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed)
-    points, labels = sample_sdf_points(mesh, num_near=num_near, num_uniform=num_uniform, seed=seed + 1)
+    points, labels = sample_sdf_points(mesh, num_near=num_near, num_uniform=num_uniform, seed=seed + 1,
+                                       sharp_fraction=sharp_fraction)
     return surface, points, labels
 
 
@@ -53,16 +54,20 @@ def precompute_samples(
     num_uniform: int,
     seed: int = 0,
     num_workers: int = 0,
+    sharp_fraction: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Surface clouds `(M, P, 7)`, query points `(M, Q, 3)` and occupancies `(M, Q)` of every mesh, read from
     `cache_path` when it holds the same files and sizes, else computed (in `num_workers` processes) and written."""
     key = {"files": [str(f) for f in files], "num_points": num_points, "num_near": num_near,
            "num_uniform": num_uniform, "seed": seed}
+    if sharp_fraction:  # (older caches have no such key)
+        key["sharp_fraction"] = sharp_fraction
     if cache_path is not None and Path(cache_path).is_file():
         cached = np.load(cache_path, allow_pickle=False)
         if json.loads(str(cached["key"])) == key:
             return {name: cached[name] for name in ("surface", "points", "labels")}
-    jobs = [(str(f), num_points, num_near, num_uniform, seed * 1_000_003 + 2 * i) for i, f in enumerate(files)]
+    jobs = [(str(f), num_points, num_near, num_uniform, seed * 1_000_003 + 2 * i, sharp_fraction)
+            for i, f in enumerate(files)]
     if num_workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -190,7 +195,7 @@ def train_vae(args) -> dict:
     timings = {}
     start = time.perf_counter()
     train = precompute_samples(train_files, out / "cache_train.npz", num_points, args.num_near, args.num_uniform,
-                               args.seed, args.num_workers)
+                               args.seed, args.num_workers, args.sharp_near)
     held = (precompute_samples(eval_files, out / "cache_test.npz", num_points, args.num_near, args.num_uniform,
                                args.seed + 1, args.num_workers) if eval_files else None)
     timings["precompute_s"] = time.perf_counter() - start
@@ -275,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-points", type=int, default=None, help="surface points per mesh; default N * ratio")
     parser.add_argument("--num-near", type=int, default=2048, help="near-surface queries cached per mesh")
     parser.add_argument("--num-uniform", type=int, default=2048, help="uniform volume queries cached per mesh")
+    parser.add_argument("--sharp-near", type=float, default=0.0,
+                        help="share of the near-surface training queries seeded on sharp edges (sample_sdf_points)")
     parser.add_argument("--queries-per-step", type=int, default=1024, help="queries per mesh in one step")
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training meshes")
     parser.add_argument("--max-eval", type=int, default=None, help="use only the first N held-out meshes")
