@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     from cgmllm.training.tiny_world_eval import (
         heldout_rows,
         image_to_caption,
+        render_view,
         shape_to_caption,
         single_shape_rows,
         text_to_shape,
@@ -81,16 +82,17 @@ def main(argv=None) -> int:
     table += [(f"mesh->caption family-word accuracy ({captions['count']})", f"{captions['family_word_accuracy']:.0%}"),
               ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
               ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+    views = [dict(row, image=render_view(row)) for row in rows]  # rendered once for both image measurements
     if args.verbose:
         print("image -> caption:")
-    captions = image_to_caption(pipe, rows, verbose=args.verbose)
+    captions = image_to_caption(pipe, views, verbose=args.verbose)
     table += [(f"image->caption family-word accuracy ({captions['count']})",
                f"{captions['family_word_accuracy']:.0%}"),
               ("image->caption BLEU-1", f"{captions['bleu1']:.1f}"),
               ("image->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
     if args.verbose:
         print("image -> 3D:")
-    result = text_to_shape(pipe, rows, **generate, condition="image")
+    result = text_to_shape(pipe, views, **generate, condition="image")
     table += [(f"image->3D family accuracy ({result['count']})", f"{result['family_accuracy']:.0%}"),
               ("image->3D proportion accuracy", f"{result['proportion_accuracy']:.0%}"),
               ("image->3D orientation accuracy", f"{result['orientation_accuracy']:.0%}")]

@@ -57,12 +57,13 @@ def test_mesh_caption_names_the_family(pipe, rows):
 
 def test_image_caption_and_image_to_shape(pipe, rows):
     # The views are rendered as the data set renders them (128 px, one camera): image tasks are trained in the recipe.
-    from cgmllm.training.tiny_world_eval import image_to_caption, text_to_shape
+    from cgmllm.training.tiny_world_eval import image_to_caption, render_view, text_to_shape
 
     torch.set_num_threads(2)
-    captions = image_to_caption(pipe, rows[::2], max_new_tokens=24)
+    views = [dict(row, image=render_view(row)) for row in rows[::2]]
+    captions = image_to_caption(pipe, views, max_new_tokens=24)
     assert captions["family_word_accuracy"] >= 0.6, captions["captions"]
-    result = text_to_shape(pipe, rows[::2], num_inference_steps=25, guidance_scale=4.0, octree_resolution=64,
+    result = text_to_shape(pipe, views, num_inference_steps=25, guidance_scale=4.0, octree_resolution=64,
                            seed=0, batch_size=10, condition="image")
     assert result["family_accuracy"] >= 0.5, result["predictions"]
 

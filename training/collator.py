@@ -22,6 +22,8 @@ import torch
 
 TASKS = ("text_to_shape", "image_to_shape", "shape_caption", "image_caption")
 GENERATION_TASKS = ("text_to_shape", "image_to_shape")
+IMAGE_TASKS = ("image_to_shape", "image_caption")
+"""Tasks that need the example's `image`; an example without one does the others only."""
 
 
 @dataclass
@@ -92,7 +94,7 @@ class CGMLLMDataCollator:
 
     def _choose_task(self, example, rng) -> str:
         has_image = example.get("image") is not None
-        tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or not t.startswith("image"))]
+        tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or t not in IMAGE_TASKS)]
         if not tasks:
             raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}.")
         return rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
@@ -197,4 +199,4 @@ class CGMLLMDataCollator:
         return batch
 
 
-__all__ = ["CGMLLMDataCollator", "GENERATION_TASKS", "TASKS"]
+__all__ = ["CGMLLMDataCollator", "GENERATION_TASKS", "IMAGE_TASKS", "TASKS"]

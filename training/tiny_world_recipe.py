@@ -93,6 +93,7 @@ def run_recipe(args) -> dict:
     from cgmllm.pipelines import CGMLLMPipeline
 
     from .cli import load_config, run_stages
+    from .collator import IMAGE_TASKS
     from .data import load_caption_dataset
     from .preprocess import encode_dataset
     from .tiny_world import build_tiny_world_dataset
@@ -152,7 +153,7 @@ def run_recipe(args) -> dict:
     phase("save", start)
 
     trained = [name for name, weight in (config.get("tasks") or {}).items()
-               if weight and (args.images or not name.startswith("image"))]
+               if weight and (args.images or name not in IMAGE_TASKS)]
     summary = {"timings": timings, "vae": {k: vae_metrics.get(k) for k in ("train", "heldout", "timings")},
                "tasks": ", ".join(TASK_NAMES.get(name, name) for name in trained),
                "stages": [{k: r[k] for k in ("stage", "num_shape_tokens", "train_loss")} for r in results],

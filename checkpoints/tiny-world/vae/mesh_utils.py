@@ -428,11 +428,14 @@ def sample_sdf_points(
     seed: int | np.random.Generator | None = None,
     near_sigmas: tuple[float, ...] = (0.005, 0.05),
     bounds: float = 1.05,
+    sharp_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Query points with occupancy labels for VAE training, as Hunyuan3D samples its SDF supervision.
 
     * `num_near` points: area-uniform surface points plus isotropic Gaussian offsets, split evenly over
-      `near_sigmas` (Hunyuan uses 0.005 and 0.05), clipped to the box;
+      `near_sigmas` (Hunyuan uses 0.005 and 0.05), clipped to the box; with `sharp_fraction > 0` that share of the
+      surface points lies on sharp edges instead (`sample_sharp_edges`; area-uniform for a mesh without any), where
+      the field has its corners and a smooth decoder is least constrained by area-uniform queries;
     * `num_uniform` points: uniform in `[-bounds, bounds]^3`.
 
     Labels are 1 inside / 0 outside by generalised winding number (`occupancy`), which also gives sensible labels
@@ -446,8 +449,15 @@ def sample_sdf_points(
         raise ValueError(f"sample_sdf_points needs a positive point count, got {num_near=} and {num_uniform=}.")
     if len(near_sigmas) == 0:
         raise ValueError("near_sigmas must contain at least one standard deviation.")
+    if not 0.0 <= sharp_fraction <= 1.0:
+        raise ValueError(f"sharp_fraction must be in [0, 1], got {sharp_fraction}.")
     rng = _rng(seed)
-    near, _ = sample_uniform_surface(mesh, num_near, rng)
+    num_sharp = int(round(num_near * sharp_fraction))
+    near, _ = sample_uniform_surface(mesh, num_near - num_sharp, rng)
+    if num_sharp:
+        sharp = sample_sharp_edges(mesh, num_sharp, rng)
+        sharp = sample_uniform_surface(mesh, num_sharp, rng)[0] if sharp is None else sharp[0]
+        near = np.concatenate([near, sharp], axis=0)
     sigma = np.asarray(near_sigmas, dtype=np.float64)[np.arange(num_near) % len(near_sigmas)]
     near = np.clip(near + rng.normal(size=near.shape) * sigma[:, None], -bounds, bounds)
     uniform = rng.uniform(-bounds, bounds, size=(num_uniform, 3))
