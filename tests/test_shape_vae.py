@@ -439,6 +439,17 @@ def test_compute_loss_trains_a_tiny_vae(nut):
 
     sdf = model.compute_loss(surface, points, labels * 2 - 1, label_type="sdf", sample_posterior=False)
     assert sdf.recon_loss.ndim == 0
+    torch.testing.assert_close(sdf.recon_loss, ((sdf.logits - (labels * 2 - 1)) ** 2).mean())
+    # Clamped (DeepSDF): far labels (+-5) count as +-1, and so does any prediction beyond +-1.
+    far = (labels * 2 - 1) * 5
+    clamped = model.compute_loss(surface, points, far, label_type="sdf", sdf_clamp=1.0, sdf_loss="l1",
+                                 sample_posterior=False)
+    expected = (clamped.logits.clamp(-1, 1) - far.clamp(-1, 1)).abs().mean()
+    torch.testing.assert_close(clamped.recon_loss, expected)
+    with pytest.raises(ValueError, match="sdf_loss must be"):
+        model.compute_loss(surface, points, far, label_type="sdf", sdf_loss="huber")
+    with pytest.raises(ValueError, match="sdf_clamp must be a positive"):
+        model.compute_loss(surface, points, far, label_type="sdf", sdf_clamp=0.0)
     with pytest.raises(ValueError, match="query_labels"):
         model.compute_loss(surface, points, labels[:, :10])
     with pytest.raises(ValueError, match="label_type"):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import trimesh
 
 from cgmllm.modeling_shape_vae import ShapeVAE
 from cgmllm.training import train_vae
@@ -39,6 +40,19 @@ def test_train_vae_smoke(world, tmp_path):
     assert vae.config.pc_size + vae.config.pc_sharpedge_size == 16 * 8
     latents = vae.encode(torch.from_numpy(cache["surface"][:2]), num_latents=8).mode()
     assert latents.shape == (2, 8, 8) and torch.isfinite(latents).all()
+
+
+def test_train_vae_on_signed_distances(world, tmp_path):
+    out = tmp_path / "sdf_run"
+    metrics = train_vae.main(["--data", str(world), "--out", str(out), *ARGS, "--labels", "sdf",
+                              "--sdf-truncation", "0.1", "--stretch", "2"])
+    assert metrics["labels"] == "sdf" and np.isfinite(metrics["heldout"]["recon_loss"])
+    cache = np.load(out / "cache_train.npz")
+    assert cache["distances"].shape == (8, 512) and cache["directions"].shape == (8, 512, 3)
+    np.testing.assert_array_equal(cache["distances"] > 0, cache["labels"] > 0.5)
+    # The occupancy cache of the other run is not reused for distances (the key differs).
+    plain = train_vae.precompute_samples(train_vae.find_meshes(world, "train"), out / "cache_train.npz", 128, 256, 256)
+    assert "distances" not in plain
 
 
 def test_cache_is_reused_and_invalidated(world, tmp_path):
@@ -103,6 +117,54 @@ def test_augmentation_keeps_occupancy_and_the_cube(rotate):
     expected_normals /= np.linalg.norm(expected_normals, axis=-1, keepdims=True)
     np.testing.assert_allclose(new_surface[0, :, 3:6], expected_normals, atol=1e-4)
     np.testing.assert_array_equal(new_surface[0, :, 6], surface[0, :, 6])
+
+
+@pytest.mark.parametrize("rotate", [0.0, 1.0])
+def test_augmentation_maps_signed_distances(rotate):
+    # A stretched and rotated box is a box: inside it every closest point lies on a planar face, where the mapped
+    # distance d / |A^-T u| * f is exact. Compare with the distances of the mapped mesh, computed from scratch.
+    from cgmllm.mesh_utils import sample_sdf_points, sample_surface, signed_distance
+
+    box = trimesh.creation.box(extents=(1.2, 0.8, 0.5))
+    surface = sample_surface(box, 128, 128, seed=0)[None].astype(np.float32)
+    points, labels = sample_sdf_points(box, num_near=200, num_uniform=200, seed=1)
+    distances, directions = signed_distance(box, points, labels)
+    with pytest.raises(ValueError, match="both distances and directions"):
+        train_vae.augment_samples(surface, points[None], np.random.default_rng(0), 2.0, distances=distances[None])
+    unchanged = train_vae.augment_samples(surface, points[None], np.random.default_rng(0), 1.0,
+                                          distances=distances[None], directions=directions[None])
+    assert unchanged[2] is not None and np.array_equal(unchanged[2][0], distances)
+
+    new_surface, new_points, new_distances = train_vae.augment_samples(
+        surface, points[None].astype(np.float32), np.random.default_rng(5), 2.5, rotate,
+        distances=distances[None], directions=directions[None])
+    homogeneous = np.c_[surface[0, :, :3], np.ones(surface.shape[1])]
+    solution = np.linalg.lstsq(homogeneous, new_surface[0, :, :3], rcond=None)[0]  # x' = x @ A^T + b
+    mapped = box.copy()
+    mapped.vertices = np.asarray(box.vertices) @ solution[:3] + solution[3]
+    truth, _ = signed_distance(mapped, new_points[0], labels)
+    np.testing.assert_array_equal(new_distances[0] > 0, distances > 0)
+    # Inside, the mapped value is the distance to the image of the original closest face: exact where that face is
+    # still the closest one, an overestimate where the stretch brought another face closer.
+    inside = labels > 0.5
+    mapped_normals = _unit(_closest_face_normals(box, points) @ np.linalg.inv(solution[:3].T))  # n' ~ A^-T n
+    same_side = np.einsum("qi,qi->q", mapped_normals, _closest_face_normals(mapped, new_points[0])) > 1 - 1e-6
+    exact = inside & same_side
+    assert exact.sum() > 0.5 * inside.sum()
+    np.testing.assert_allclose(new_distances[0][exact], truth[exact], atol=1e-5)
+    assert (new_distances[0][inside] >= truth[inside] - 1e-5).all()
+    # Outside, the closest point may be an edge or corner: first order only, but never far off.
+    assert np.abs(new_distances[0] - truth).max() < 0.5 * np.abs(truth).max()
+
+
+def _unit(vectors):
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def _closest_face_normals(mesh, points):
+    from cgmllm.mesh_utils import closest_surface_points
+
+    return np.asarray(mesh.face_normals)[closest_surface_points(mesh, points)[1]]
 
 
 def test_random_rotations_are_rotations():

@@ -5,7 +5,8 @@
 Every mesh is normalised to the VAE cube exactly as `CGMLLMProcessor.prepare_surfaces` does (so that the pipeline's
 `encode_mesh` feeds the trained encoder what it saw in training), then sampled **once**: a surface point cloud (half
 area-uniform, half on sharp edges, as the processor does) and occupancy-labelled query points
-(`mesh_utils.sample_sdf_points`). The arrays are cached in `OUT/cache_<split>.npz`, so a training step is only the
+(`mesh_utils.sample_sdf_points`), with `--labels sdf` also their inside-positive signed distances
+(`mesh_utils.signed_distance`, Hunyuan3D-2.1's supervision). The arrays are cached in `OUT/cache_<split>.npz`, so a training step is only the
 VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries. At the end the VAE is saved
 to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction IoU to `OUT/metrics.json`.
 """
@@ -35,15 +36,18 @@ def find_meshes(folder: str | Path, split: str | None = None) -> list[Path]:
 
 
 def _sample_one(job):
-    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface
+    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface, signed_distance
 
-    path, num_points, num_near, num_uniform, seed, sharp_fraction = job
+    path, num_points, num_near, num_uniform, seed, sharp_fraction, with_distances = job
     mesh = normalize_mesh(load_mesh(path))[0]
     num_sharp = num_points // 2  # the processor's default split between the two pools
     surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed)
     points, labels = sample_sdf_points(mesh, num_near=num_near, num_uniform=num_uniform, seed=seed + 1,
                                        sharp_fraction=sharp_fraction)
-    return surface, points, labels
+    sample = {"surface": surface, "points": points, "labels": labels}
+    if with_distances:
+        sample["distances"], sample["directions"] = signed_distance(mesh, points, labels, seed=seed + 2)
+    return sample
 
 
 def precompute_samples(
@@ -55,18 +59,24 @@ def precompute_samples(
     seed: int = 0,
     num_workers: int = 0,
     sharp_fraction: float = 0.0,
+    with_distances: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Surface clouds `(M, P, 7)`, query points `(M, Q, 3)` and occupancies `(M, Q)` of every mesh, read from
-    `cache_path` when it holds the same files and sizes, else computed (in `num_workers` processes) and written."""
+    """Surface clouds `surface` `(M, P, 7)`, query points `points` `(M, Q, 3)` and occupancies `labels` `(M, Q)` of
+    every mesh, with `with_distances` also signed distances `distances` `(M, Q)` and their directions `directions`
+    `(M, Q, 3)` (`mesh_utils.signed_distance`); read from `cache_path` when it holds the same files and sizes,
+    else computed (in `num_workers` processes) and written."""
     key = {"files": [str(f) for f in files], "num_points": num_points, "num_near": num_near,
            "num_uniform": num_uniform, "seed": seed}
-    if sharp_fraction:  # (older caches have no such key)
+    if sharp_fraction:  # (older caches have no such keys)
         key["sharp_fraction"] = sharp_fraction
+    if with_distances:
+        key["distances"] = True
+    names = ("surface", "points", "labels") + (("distances", "directions") if with_distances else ())
     if cache_path is not None and Path(cache_path).is_file():
         cached = np.load(cache_path, allow_pickle=False)
         if json.loads(str(cached["key"])) == key:
-            return {name: cached[name] for name in ("surface", "points", "labels")}
-    jobs = [(str(f), num_points, num_near, num_uniform, seed * 1_000_003 + 2 * i, sharp_fraction)
+            return {name: cached[name] for name in names}
+    jobs = [(str(f), num_points, num_near, num_uniform, seed * 1_000_003 + 2 * i, sharp_fraction, with_distances)
             for i, f in enumerate(files)]
     if num_workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -75,11 +85,7 @@ def precompute_samples(
             results = list(pool.map(_sample_one, jobs, chunksize=8))
     else:
         results = [_sample_one(job) for job in jobs]
-    arrays = {
-        "surface": np.stack([r[0] for r in results]).astype(np.float32),
-        "points": np.stack([r[1] for r in results]).astype(np.float32),
-        "labels": np.stack([r[2] for r in results]).astype(np.float32),
-    }
+    arrays = {name: np.stack([r[name] for r in results]).astype(np.float32) for name in names}
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_path, key=np.array(json.dumps(key)), **arrays)
@@ -95,7 +101,8 @@ def random_rotations(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Generator, max_stretch: float = 1.0,
-                    rotate: float = 0.0, scale: float = 0.9999) -> tuple[np.ndarray, np.ndarray]:
+                    rotate: float = 0.0, scale: float = 0.9999, distances: np.ndarray | None = None,
+                    directions: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Augment cached samples by a random per-axis stretch and/or rotation, then re-normalise them to the VAE cube.
 
     `surface` `(B, P, 7)` (xyz, normal, sharp flag) and `points` `(B, Q, 3)` are stretched by `s ~ exp(U(-log a, log
@@ -103,6 +110,13 @@ def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Gene
     in all `x -> R (s * x)`. Normals follow the inverse transpose, `n -> R (n / s)`, re-normalised. Occupancy is
     unchanged by any invertible affine map, so the cached labels stay right. Afterwards the surface's bounding box is
     centred and its longest side scaled to `2 * scale`, as `normalize_mesh` does for the processor.
+
+    Signed distances are not invariant: given `distances` `(B, Q)` and their `directions` `(B, Q, 3)` (from
+    `mesh_utils.signed_distance`), a third array returns them mapped as `d -> d / |A^-T u| * f` (`A = R diag(s)`,
+    `f` the re-normalisation factor, `u` the direction): the distance to the image of the plane the closest point
+    lies in. Exact where that face stays the closest one, as for most points of a stretched box; an overestimate
+    where the stretch brings another part closer (deep inside) and first order at edges and curved parts. Near the
+    surface, where the field is clamped least, it is accurate; the sign, which alone fixes the surface, is exact.
 
     This turns the few proportions and poses of a small training set (e.g. regular and tall boxes, upright or lying)
     into a continuum (flat, long, tilted ... boxes) without touching held-out data: the VAE then reconstructs
@@ -112,8 +126,10 @@ def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Gene
         raise ValueError(f"max_stretch must be >= 1 (1 = no stretch), got {max_stretch}.")
     if not 0.0 <= rotate <= 1.0:
         raise ValueError(f"rotate is a probability in [0, 1], got {rotate}.")
+    if (distances is None) != (directions is None):
+        raise ValueError("augment_samples needs both distances and directions, or neither.")
     if max_stretch == 1.0 and rotate == 0.0:
-        return surface, points
+        return (surface, points) if distances is None else (surface, points, distances)
     batch = surface.shape[0]
     linear = np.tile(np.eye(3), (batch, 1, 1))  # (B, 3, 3): x' = x @ linear^T
     if max_stretch > 1.0:
@@ -124,14 +140,18 @@ def augment_samples(surface: np.ndarray, points: np.ndarray, rng: np.random.Gene
         linear[rotated] = random_rotations(int(rotated.sum()), rng) @ linear[rotated]
     linear = linear.astype(np.float32)
     xyz = surface[..., :3] @ linear.transpose(0, 2, 1)
-    normals = surface[..., 3:6] @ np.linalg.inv(linear)  # n^T A^-1 = (A^-T n)^T
+    inverse = np.linalg.inv(linear)
+    normals = surface[..., 3:6] @ inverse  # n^T A^-1 = (A^-T n)^T
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True).clip(min=1e-8)
     low, high = xyz.min(axis=1, keepdims=True), xyz.max(axis=1, keepdims=True)  # (B, 1, 3)
     center = (low + high) / 2
     factor = 2 * scale / (high - low).max(axis=-1, keepdims=True)  # (B, 1, 1)
     surface = np.concatenate([(xyz - center) * factor, normals, surface[..., 6:]], axis=-1)
     points = (points @ linear.transpose(0, 2, 1) - center) * factor
-    return surface.astype(np.float32), points.astype(np.float32)
+    if distances is None:
+        return surface.astype(np.float32), points.astype(np.float32)
+    distances = distances / np.linalg.norm(directions @ inverse, axis=-1).clip(min=1e-8) * factor[..., 0]
+    return surface.astype(np.float32), points.astype(np.float32), distances.astype(np.float32)
 
 
 def build_vae(num_latents: int, embed_dim: int, width: int, heads: int, encoder_layers: int, decoder_layers: int,
@@ -156,18 +176,29 @@ def build_vae(num_latents: int, embed_dim: int, width: int, heads: int, encoder_
     return vae
 
 
+def _loss_targets(data: dict[str, np.ndarray], rows, sdf_truncation: float | None, sdf_loss: str,
+                  distances: np.ndarray | None = None) -> dict:
+    """`compute_loss` label arguments: occupancy, or signed distances in units of the truncation, clamped to 1."""
+    if sdf_truncation is None:
+        return {"query_labels": data["labels"][rows]}
+    distances = data["distances"][rows] if distances is None else distances
+    return {"query_labels": distances / sdf_truncation, "label_type": "sdf", "sdf_clamp": 1.0, "sdf_loss": sdf_loss}
+
+
 @torch.no_grad()
 def evaluate_iou(vae, data: dict[str, np.ndarray], num_latents: int, num_uniform: int, batch_size: int = 8,
-                 seed: int = 0) -> dict[str, float]:
-    """Reconstruction IoU (posterior mean, logits > 0 vs occupancy) on the uniform volume queries (`iou`) and on
-    all queries (`iou_all`), averaged over meshes, plus the mean BCE."""
+                 seed: int = 0, sdf_truncation: float | None = None, sdf_loss: str = "l1") -> dict[str, float]:
+    """Reconstruction IoU (posterior mean, field > 0 vs occupancy) on the uniform volume queries (`iou`) and on
+    all queries (`iou_all`), averaged over meshes, plus the mean reconstruction loss: BCE, or with
+    `sdf_truncation` the training's SDF loss on `data["distances"] / sdf_truncation`."""
     vae.eval()
     ious, ious_all, losses = [], [], []
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(data["surface"]), batch_size):
         sl = slice(start, start + batch_size)
-        out = vae.compute_loss(data["surface"][sl], data["points"][sl], data["labels"][sl], num_latents=num_latents,
-                               generator=generator, sample_posterior=False)
+        out = vae.compute_loss(data["surface"][sl], data["points"][sl], **_loss_targets(data, sl, sdf_truncation,
+                                                                                         sdf_loss),
+                               num_latents=num_latents, generator=generator, sample_posterior=False)
         losses.append(float(out.recon_loss) * out.logits.shape[0])
         predicted = (out.logits > 0).cpu().numpy()
         truth = data["labels"][sl] > 0.5
@@ -194,10 +225,12 @@ def train_vae(args) -> dict:
 
     timings = {}
     start = time.perf_counter()
+    sdf = args.labels == "sdf"
+    truncation = args.sdf_truncation if sdf else None
     train = precompute_samples(train_files, out / "cache_train.npz", num_points, args.num_near, args.num_uniform,
-                               args.seed, args.num_workers, args.sharp_near)
+                               args.seed, args.num_workers, args.sharp_near, with_distances=sdf)
     held = (precompute_samples(eval_files, out / "cache_test.npz", num_points, args.num_near, args.num_uniform,
-                               args.seed + 1, args.num_workers) if eval_files else None)
+                               args.seed + 1, args.num_workers, with_distances=sdf) if eval_files else None)
     timings["precompute_s"] = time.perf_counter() - start
     print(f"precomputed {len(train_files)} train + {len(eval_files)} held-out meshes in {timings['precompute_s']:.1f}s")
 
@@ -219,12 +252,17 @@ def train_vae(args) -> dict:
         queries = rng.choice(total_queries, size=min(args.queries_per_step, total_queries), replace=False)
         # Train on a random number of latents in [min, max] so the encoder serves every stage resolution.
         num_latents = int(rng.integers(args.min_latents or args.num_latents, args.num_latents + 1))
-        surface, points = augment_samples(train["surface"][index], train["points"][index][:, queries], rng,
-                                          args.stretch, args.rotate)
-        loss = vae.compute_loss(
-            torch.from_numpy(surface), torch.from_numpy(points), torch.from_numpy(train["labels"][index][:, queries]),
-            kl_weight=args.kl_weight, num_latents=num_latents, generator=generator,
-        )
+        rows = (index[:, None], queries[None, :])
+        if sdf:
+            surface, points, distances = augment_samples(
+                train["surface"][index], train["points"][rows], rng, args.stretch, args.rotate,
+                distances=train["distances"][rows], directions=train["directions"][rows])
+        else:
+            surface, points = augment_samples(train["surface"][index], train["points"][rows], rng, args.stretch,
+                                              args.rotate)
+            distances = None
+        loss = vae.compute_loss(surface, points, **_loss_targets(train, rows, truncation, args.sdf_loss, distances),
+                                kl_weight=args.kl_weight, num_latents=num_latents, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -238,14 +276,15 @@ def train_vae(args) -> dict:
     timings["train_s"] = float(sum(step_times))
     timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
 
-    metrics = {"num_train": len(train_files), "num_heldout": len(eval_files), "steps": args.steps,
+    metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files), "steps": args.steps,
                "num_latents": args.num_latents, "num_points": num_points, "timings": timings, "history": history,
                "parameters": sum(p.numel() for p in vae.parameters())}
     for name, data in (("train", train), ("heldout", held)):
         if data is not None:
             limit = args.max_train_eval if name == "train" else None  # held-out is already capped by --max-eval
             subset = {k: v[: limit or None] for k, v in data.items()}
-            metrics[name] = evaluate_iou(vae, subset, args.num_latents, args.num_uniform, seed=args.seed)
+            metrics[name] = evaluate_iou(vae, subset, args.num_latents, args.num_uniform, seed=args.seed,
+                                         sdf_truncation=truncation, sdf_loss=args.sdf_loss)
             print(f"{name}: IoU {metrics[name]['iou']:.3f} (all queries {metrics[name]['iou_all']:.3f})")
     vae.eval().save_pretrained(out / "vae")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -282,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-uniform", type=int, default=2048, help="uniform volume queries cached per mesh")
     parser.add_argument("--sharp-near", type=float, default=0.0,
                         help="share of the near-surface training queries seeded on sharp edges (sample_sdf_points)")
+    parser.add_argument("--labels", choices=("occupancy", "sdf"), default="occupancy",
+                        help="supervision: occupancy with BCE, or signed distance (Hunyuan3D-2.1's) divided by "
+                             "--sdf-truncation, clamped to [-1, 1] (DeepSDF) and regressed with --sdf-loss")
+    parser.add_argument("--sdf-truncation", type=float, default=0.05,
+                        help="distance (VAE cube units) at which the SDF label saturates; the field is in these units")
+    parser.add_argument("--sdf-loss", choices=("l1", "mse"), default="l1")
     parser.add_argument("--queries-per-step", type=int, default=1024, help="queries per mesh in one step")
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training meshes")
     parser.add_argument("--max-eval", type=int, default=None, help="use only the first N held-out meshes")
