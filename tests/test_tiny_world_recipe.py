@@ -15,6 +15,7 @@ def test_shipped_config_is_valid(tmp_path):
     config = load_config(tiny_world_recipe.DEFAULT_CONFIG, [f"data.path={tmp_path}"])
     assert [stage.num_shape_tokens for stage in config["stages"]] == [16, 16, 32, 64]
     assert config["model"]["tiny"]["num_shape_tokens"] == 64
+    assert config["model"]["tiny"]["shape_latent_channels"] == 16  # also the recipe's ShapeVAE latent channels
 
 
 def test_recipe_smoke(tmp_path):
@@ -36,7 +37,7 @@ def test_recipe_smoke(tmp_path):
     summary = tiny_world_recipe.main([
         "--out", str(out), "--config", str(config_path), "--num-train", "6", "--num-heldout", "2",
         "--vae-steps", "2", "--vae-width", "32", "--vae-batch-size", "2", "--num-near", "64", "--num-uniform", "64",
-        "--queries-per-step", "32", "--num-workers", "0",
+        "--queries-per-step", "32", "--num-workers", "0", "--embed-dim", "4",
     ])
     assert set(summary["timings"]) == {"dataset", "vae", "latents", "stages", "save"}
     assert [s["num_shape_tokens"] for s in summary["stages"]] == [4, 4, 8]
@@ -44,9 +45,10 @@ def test_recipe_smoke(tmp_path):
 
     pipe = CGMLLMPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
-    assert pipe.vae.config.embed_dim == pipe.model.config.shape_latent_channels == 8
+    # --embed-dim sets both the VAE's latent channels and the model's (the config said 8).
+    assert pipe.vae.config.embed_dim == pipe.model.config.shape_latent_channels == 4
     latents = pipe("a shape", num_inference_steps=2, output_type="latent",
                    generator=torch.Generator().manual_seed(0)).latents
-    assert latents.shape == (1, 8, 8) and torch.isfinite(latents).all()
+    assert latents.shape == (1, 8, 4) and torch.isfinite(latents).all()
     mesh_file = next((out / "data" / "test" / "meshes").iterdir())
     assert cli.main(["caption", str(mesh_file), "--model", str(out / "pipeline"), "--max-new-tokens", "3"]) == 0

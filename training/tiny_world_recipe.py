@@ -104,7 +104,13 @@ def run_recipe(args) -> dict:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = [f"data.path={out / 'latents'}", f"output_dir={out / 'stages'}", "shape_vae=null", *args.overrides]
+    if args.embed_dim is not None:  # the VAE's latent channels are the model's shape latent channels
+        overrides.append(f"model.tiny.shape_latent_channels={args.embed_dim}")
     config = load_config(args.config, overrides)  # validated before any work
+    embed_dim = ((config.get("model") or {}).get("tiny") or {}).get("shape_latent_channels")
+    if embed_dim is None:
+        raise ValueError("The recipe trains a tiny model from config: its config needs model.tiny.shape_latent_channels "
+                         "(the ShapeVAE's latent channels).")
     sizes = sorted({stage.num_shape_tokens for stage in config["stages"]})
     timings = {}
 
@@ -123,7 +129,7 @@ def run_recipe(args) -> dict:
     start = time.perf_counter()
     vae_metrics = train_vae_main([
         "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
-        "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(args.embed_dim),
+        "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(embed_dim),
         "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--stretch", str(args.vae_stretch),
         "--num-near", str(args.num_near), "--num-uniform", str(args.num_uniform),
         "--queries-per-step", str(args.queries_per_step),
@@ -184,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-width", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-stretch", type=float, default=2.0, help="train_vae --stretch (augmentation)")
-    parser.add_argument("--embed-dim", type=int, default=8, help="latent channels (= model shape_latent_channels)")
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help="ShapeVAE latent channels; sets the config's model.tiny.shape_latent_channels (default: "
+                             "the config's value)")
     parser.add_argument("--num-near", type=int, default=2048)
     parser.add_argument("--num-uniform", type=int, default=2048)
     parser.add_argument("--queries-per-step", type=int, default=1024)
