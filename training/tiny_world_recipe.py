@@ -51,12 +51,17 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
     """`folder/README.md`: the model card of a tiny-world pipeline, with the recipe's phases and losses."""
     from .hub import render_model_card
 
+    folder = Path(folder)
     timings = summary["timings"]
     vae = summary.get("vae") or {}
+    # Sizes as saved in the folder, so the card cannot disagree with the weights next to it.
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    text_config = json.loads((folder / "model" / "config.json").read_text())["text_config"]
     lines = [
         "Trained on 2 CPU cores by one command, `python -m cgmllm.training.tiny_world_recipe --out DIR` "
         "(config `cgmllm/training/configs/tiny_world.yaml`), from nothing: the procedural tiny-world data set, a "
-        "ShapeVAE (64 latents x 8 channels), then a tiny CG-MLLM (hidden 128, 4 MoT layers, BBPE tokenizer trained "
+        f"ShapeVAE ({vae_config['num_latents']} latents x {vae_config['embed_dim']} channels), then a tiny CG-MLLM "
+        f"(hidden {text_config['hidden_size']}, {text_config['num_hidden_layers']} MoT layers, BBPE tokenizer trained "
         "on the captions) through `cgmllm-train`: stage 1 alignment at N = 16 with 90% condition dropout, stage 2 "
         "progressive N = 16 -> 32 -> 64 with dropout 50% -> 10%; tasks "
         + summary.get("tasks", "text -> 3D, 3D -> caption") + ".",
