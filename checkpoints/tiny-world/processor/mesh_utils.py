@@ -421,6 +421,79 @@ def occupancy(mesh: trimesh.Trimesh, points: np.ndarray | torch.Tensor) -> np.nd
     return (np.abs(winding_number(mesh, points)) > 0.5).astype(np.float32)
 
 
+def closest_surface_points(
+    mesh: trimesh.Trimesh,
+    points: np.ndarray,
+    num_candidates: int = 32,
+    num_samples: int = 20_000,
+    seed: int | np.random.Generator | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The point of `mesh`'s surface closest to each query point, without a spatial index package.
+
+    Candidate triangles are the faces of the `num_candidates` nearest of `num_samples` dense surface samples (plus
+    every face's centroid, so no face is missed) found with a `scipy` KD-tree; the exact closest point on each
+    candidate is `trimesh.triangles.closest_point`, and the nearest of those wins. This is exact whenever the
+    closest face is among the candidates. It can miss where many thin faces meet (the centre of a triangle fan):
+    against a brute force over all faces, 0-0.4% of 4k `sample_sdf_points` queries on tiny-world shapes and on
+    the airplane were off, by at most 8e-4 (the mesh normalised to the VAE cube); a test bounds this on real
+    meshes. Cost is `O(Q * num_candidates)`, 60-90 ms for 4k queries.
+
+    Returns:
+        `(closest (Q, 3) float64, face_index (Q,) int64)`: the points and the faces they lie on.
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (Q, 3), got shape {points.shape}.")
+    if len(mesh.faces) == 0:
+        raise ValueError("Cannot measure distances to a mesh without faces.")
+    rng = _rng(seed)
+    areas = np.asarray(mesh.area_faces, dtype=np.float64)
+    face_index = np.minimum(np.searchsorted(np.cumsum(areas) / areas.sum(), rng.random(num_samples), side="right"),
+                            len(areas) - 1) if areas.sum() > 0 else np.zeros(0, dtype=np.int64)
+    triangles = np.asarray(mesh.triangles, dtype=np.float64)  # (F, 3, 3)
+    u, v = rng.random(len(face_index)), rng.random(len(face_index))
+    flip = u + v > 1.0
+    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
+    chosen = triangles[face_index]
+    samples = chosen[:, 0] + u[:, None] * (chosen[:, 1] - chosen[:, 0]) + v[:, None] * (chosen[:, 2] - chosen[:, 0])
+    samples = np.concatenate([samples, triangles.mean(axis=1)])
+    sample_faces = np.concatenate([face_index, np.arange(len(triangles))])
+    k = min(num_candidates, len(samples))
+    _, nearest = cKDTree(samples).query(points, k=k)
+    candidates = sample_faces[nearest.reshape(len(points), k)]  # (Q, k) face ids, repeats are harmless
+    closest = trimesh.triangles.closest_point(triangles[candidates.reshape(-1)], np.repeat(points, k, axis=0))
+    closest = closest.reshape(len(points), k, 3)
+    best = np.linalg.norm(closest - points[:, None], axis=-1).argmin(axis=1)
+    rows = np.arange(len(points))
+    return closest[rows, best], candidates[rows, best]
+
+
+def signed_distance(
+    mesh: trimesh.Trimesh, points: np.ndarray | torch.Tensor, labels: np.ndarray | None = None, **closest_kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inside-positive signed distance of each point to `mesh`'s surface (Hunyuan3D's label convention) and the unit
+    direction from its closest surface point to it (the field's gradient up to sign).
+
+    The magnitude comes from `closest_surface_points`, the sign from `labels` (occupancy, 1 inside) or, if not
+    given, from `occupancy` (winding number). The direction lets a linear augmentation rescale the distance
+    without recomputing it (`train_vae.augment_samples`); for a point on the surface it is the face normal.
+
+    Returns:
+        `(distance (Q,) float32, direction (Q, 3) float32)`.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    closest, face_index = closest_surface_points(mesh, points, **closest_kwargs)
+    offset = points - closest
+    distance = np.linalg.norm(offset, axis=-1)
+    direction = offset / np.maximum(distance, 1e-12)[:, None]
+    on_surface = distance < 1e-9  # no offset to take a direction from: the face normal
+    direction[on_surface] = np.asarray(mesh.face_normals, dtype=np.float64)[face_index[on_surface]]
+    inside = (occupancy(mesh, points) if labels is None else np.asarray(labels)) > 0.5
+    return np.where(inside, distance, -distance).astype(np.float32), direction.astype(np.float32)
+
+
 def sample_sdf_points(
     mesh: trimesh.Trimesh,
     num_near: int = 8192,

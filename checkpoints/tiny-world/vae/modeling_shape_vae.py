@@ -692,6 +692,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         sample_posterior: bool = True,
         label_type: str = "occupancy",
+        sdf_clamp: float | None = None,
+        sdf_loss: str = "mse",
     ) -> ShapeVAELossOutput:
         """Reconstruction + KL loss for training or fine-tuning the VAE.
 
@@ -706,10 +708,19 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             num_latents, generator: as in `encode`.
             sample_posterior: decode a posterior sample (training) or its mean.
             label_type: `"occupancy"` -> binary cross-entropy on the logits (Hunyuan's `label_type="binary"`
-                heritage); `"sdf"` -> mean squared error on the field.
+                heritage); `"sdf"` -> regression of the field (Hunyuan3D-2.1's released data is SDF).
+            sdf_clamp: `"sdf"` only: clamp prediction and label to `[-sdf_clamp, sdf_clamp]` before the loss
+                (DeepSDF): far from the surface only the sign is supervised, so the capacity goes to the band that
+                marching cubes reads. `None` regresses the raw field.
+            sdf_loss: `"sdf"` only: `"mse"` or `"l1"` (DeepSDF's choice; it weighs the small errors near the
+                surface, which decide where the 0 level lies, more than the squared error does).
         """
         if label_type not in ("occupancy", "sdf"):
             raise ValueError(f"label_type must be 'occupancy' or 'sdf', got {label_type!r}.")
+        if sdf_loss not in ("mse", "l1"):
+            raise ValueError(f"sdf_loss must be 'mse' or 'l1', got {sdf_loss!r}.")
+        if sdf_clamp is not None and not sdf_clamp > 0:
+            raise ValueError(f"sdf_clamp must be a positive distance or None, got {sdf_clamp}.")
         query_points = torch.as_tensor(query_points, device=self.device, dtype=self.dtype)
         query_labels = torch.as_tensor(query_labels, device=self.device, dtype=self.dtype)
         if query_points.ndim != 3 or query_points.shape[-1] != 3:
@@ -729,7 +740,10 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         if label_type == "occupancy":
             recon_loss = F.binary_cross_entropy_with_logits(logits.float(), query_labels.float())
         else:
-            recon_loss = F.mse_loss(logits.float(), query_labels.float())
+            prediction, target = logits.float(), query_labels.float()
+            if sdf_clamp is not None:
+                prediction, target = prediction.clamp(-sdf_clamp, sdf_clamp), target.clamp(-sdf_clamp, sdf_clamp)
+            recon_loss = (F.mse_loss if sdf_loss == "mse" else F.l1_loss)(prediction, target)
         kl_loss = posterior.kl().float().mean()
         loss = recon_loss + kl_weight * kl_loss
         return ShapeVAELossOutput(loss=loss, recon_loss=recon_loss, kl_loss=kl_loss, logits=logits, latents=latents)
