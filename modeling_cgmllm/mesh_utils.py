@@ -264,7 +264,12 @@ def sample_uniform_surface(
     mesh: trimesh.Trimesh, num_points: int, seed: int | np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Area-uniform surface points. Returns `(points (P, 3), face_normals (P, 3))`, both float64."""
-    rng = _rng(seed)
+    points, face_index = _sample_faces(mesh, num_points, _rng(seed))
+    return points, np.asarray(mesh.face_normals, dtype=np.float64)[face_index]
+
+
+def _sample_faces(mesh: trimesh.Trimesh, num_points: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Area-uniform surface points `(P, 3)` float64 and the faces they lie on `(P,)`."""
     areas = np.asarray(mesh.area_faces, dtype=np.float64)
     total = areas.sum()
     if not total > 0:
@@ -277,9 +282,7 @@ def sample_uniform_surface(
     flip = u + v > 1.0
     u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
     a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
-    points = a + u[:, None] * (b - a) + v[:, None] * (c - a)
-    normals = np.asarray(mesh.face_normals, dtype=np.float64)[face_index]
-    return points, normals
+    return a + u[:, None] * (b - a) + v[:, None] * (c - a), face_index
 
 
 def sharp_edges(mesh: trimesh.Trimesh, sharp_angle_degrees: float = DEFAULT_SHARP_ANGLE_DEGREES) -> np.ndarray:
@@ -448,16 +451,8 @@ def closest_surface_points(
         raise ValueError(f"points must be (Q, 3), got shape {points.shape}.")
     if len(mesh.faces) == 0:
         raise ValueError("Cannot measure distances to a mesh without faces.")
-    rng = _rng(seed)
-    areas = np.asarray(mesh.area_faces, dtype=np.float64)
-    face_index = np.minimum(np.searchsorted(np.cumsum(areas) / areas.sum(), rng.random(num_samples), side="right"),
-                            len(areas) - 1) if areas.sum() > 0 else np.zeros(0, dtype=np.int64)
     triangles = np.asarray(mesh.triangles, dtype=np.float64)  # (F, 3, 3)
-    u, v = rng.random(len(face_index)), rng.random(len(face_index))
-    flip = u + v > 1.0
-    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
-    chosen = triangles[face_index]
-    samples = chosen[:, 0] + u[:, None] * (chosen[:, 1] - chosen[:, 0]) + v[:, None] * (chosen[:, 2] - chosen[:, 0])
+    samples, face_index = _sample_faces(mesh, num_samples, _rng(seed))
     samples = np.concatenate([samples, triangles.mean(axis=1)])
     sample_faces = np.concatenate([face_index, np.arange(len(triangles))])
     k = min(num_candidates, len(samples))
