@@ -196,9 +196,9 @@ def evaluate_iou(vae, data: dict[str, np.ndarray], num_latents: int, num_uniform
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(data["surface"]), batch_size):
         sl = slice(start, start + batch_size)
-        out = vae.compute_loss(data["surface"][sl], data["points"][sl], **_loss_targets(data, sl, sdf_truncation,
-                                                                                         sdf_loss),
-                               num_latents=num_latents, generator=generator, sample_posterior=False)
+        targets = _loss_targets(data, sl, sdf_truncation, sdf_loss)
+        out = vae.compute_loss(data["surface"][sl], data["points"][sl], **targets, num_latents=num_latents,
+                               generator=generator, sample_posterior=False)
         losses.append(float(out.recon_loss) * out.logits.shape[0])
         predicted = (out.logits > 0).cpu().numpy()
         truth = data["labels"][sl] > 0.5
