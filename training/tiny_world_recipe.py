@@ -114,8 +114,8 @@ def run_recipe(args) -> dict:
     config = load_config(args.config, overrides)  # validated before any work
     embed_dim = ((config.get("model") or {}).get("tiny") or {}).get("shape_latent_channels")
     if embed_dim is None:
-        raise ValueError("The recipe trains a tiny model from config: its config needs model.tiny.shape_latent_channels "
-                         "(the ShapeVAE's latent channels).")
+        raise ValueError("The recipe trains a tiny model from config: its config needs "
+                         "model.tiny.shape_latent_channels (the ShapeVAE's latent channels).")
     sizes = sorted({stage.num_shape_tokens for stage in config["stages"]})
     timings = {}
 

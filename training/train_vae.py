@@ -6,9 +6,10 @@ Every mesh is normalised to the VAE cube exactly as `CGMLLMProcessor.prepare_sur
 `encode_mesh` feeds the trained encoder what it saw in training), then sampled **once**: a surface point cloud (half
 area-uniform, half on sharp edges, as the processor does) and occupancy-labelled query points
 (`mesh_utils.sample_sdf_points`), with `--labels sdf` also their inside-positive signed distances
-(`mesh_utils.signed_distance`, Hunyuan3D-2.1's supervision). The arrays are cached in `OUT/cache_<split>.npz`, so a training step is only the
-VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries. At the end the VAE is saved
-to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction IoU to `OUT/metrics.json`.
+(`mesh_utils.signed_distance`, Hunyuan3D-2.1's supervision). The arrays are cached in `OUT/cache_<split>.npz`, so a
+training step is only the VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries.
+At the end the VAE is saved to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction
+IoU to `OUT/metrics.json`.
 """
 
 import argparse
@@ -253,15 +254,11 @@ def train_vae(args) -> dict:
         # Train on a random number of latents in [min, max] so the encoder serves every stage resolution.
         num_latents = int(rng.integers(args.min_latents or args.num_latents, args.num_latents + 1))
         rows = (index[:, None], queries[None, :])
-        if sdf:
-            surface, points, distances = augment_samples(
-                train["surface"][index], train["points"][rows], rng, args.stretch, args.rotate,
-                distances=train["distances"][rows], directions=train["directions"][rows])
-        else:
-            surface, points = augment_samples(train["surface"][index], train["points"][rows], rng, args.stretch,
-                                              args.rotate)
-            distances = None
-        loss = vae.compute_loss(surface, points, **_loss_targets(train, rows, truncation, args.sdf_loss, distances),
+        field = {"distances": train["distances"][rows], "directions": train["directions"][rows]} if sdf else {}
+        # `mapped` is [distances through the augmentation] with SDF labels, else empty.
+        surface, points, *mapped = augment_samples(train["surface"][index], train["points"][rows], rng, args.stretch,
+                                                   args.rotate, **field)
+        loss = vae.compute_loss(surface, points, **_loss_targets(train, rows, truncation, args.sdf_loss, *mapped),
                                 kl_weight=args.kl_weight, num_latents=num_latents, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.loss.backward()
@@ -276,9 +273,9 @@ def train_vae(args) -> dict:
     timings["train_s"] = float(sum(step_times))
     timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
 
-    metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files), "steps": args.steps,
-               "num_latents": args.num_latents, "num_points": num_points, "timings": timings, "history": history,
-               "parameters": sum(p.numel() for p in vae.parameters())}
+    metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files),
+               "steps": args.steps, "num_latents": args.num_latents, "num_points": num_points, "timings": timings,
+               "history": history, "parameters": sum(p.numel() for p in vae.parameters())}
     for name, data in (("train", train), ("heldout", held)):
         if data is not None:
             limit = args.max_train_eval if name == "train" else None  # held-out is already capped by --max-eval
