@@ -37,11 +37,16 @@ def test_recipe_smoke(tmp_path):
     summary = tiny_world_recipe.main([
         "--out", str(out), "--config", str(config_path), "--num-train", "6", "--num-heldout", "2",
         "--vae-steps", "2", "--vae-width", "32", "--vae-batch-size", "2", "--num-near", "64", "--num-uniform", "64",
-        "--queries-per-step", "32", "--num-workers", "0", "--embed-dim", "4",
+        "--queries-per-step", "32", "--num-workers", "0", "--embed-dim", "4", "--vae-stretch", "1.5",
+        "--vae-rotate", "0.25",
     ])
     assert set(summary["timings"]) == {"dataset", "vae", "latents", "stages", "save"}
     assert [s["num_shape_tokens"] for s in summary["stages"]] == [4, 4, 8]
     assert json.loads((out / "summary.json").read_text())["pipeline_mb"] > 0
+    # The VAE augmentation flags reach train_vae (recorded in its metrics).
+    assert json.loads((out / "vae_run" / "metrics.json").read_text())["augment"] == {"stretch": 1.5, "rotate": 0.25}
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "stretches up to 1.5x, random rotations of 25% of the training samples" in card
 
     pipe = CGMLLMPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)

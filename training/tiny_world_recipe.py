@@ -4,7 +4,8 @@
 
 1. build the tiny world (`build_tiny_world_dataset`, with a rendered view per sample unless `--no-images`) into
    `OUT/data`;
-2. train a ShapeVAE on it (`cgmllm.training.train_vae`) into `OUT/vae_run/vae`;
+2. train a ShapeVAE on it (`cgmllm.training.train_vae`, with random per-axis stretches `--vae-stretch` and random
+   rotations `--vae-rotate` of the training shapes) into `OUT/vae_run/vae`;
 3. encode every training shape at each stage resolution of the config into a latent cache `OUT/latents`
    (`preprocess.encode_dataset` + `save_to_disk`, columns `latents_<N>`, the views carried along for the image
    tasks);
@@ -70,6 +71,11 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
         *[f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()],
         f"| total | {sum(timings.values()):.0f} |",
     ]
+    augment = vae.get("augment") or {}
+    if augment:
+        rotations = (f"random rotations of {augment['rotate']:.0%} of the training samples" if augment["rotate"]
+                     else "no rotations")
+        lines += ["", f"ShapeVAE augmentation: random per-axis stretches up to {augment['stretch']:g}x, {rotations}."]
     if vae.get("heldout"):
         lines += ["", f"ShapeVAE held-out volume IoU at training end: {vae['heldout']['iou']:.3f}."]
     if summary.get("stages"):
@@ -136,6 +142,7 @@ def run_recipe(args) -> dict:
         "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
         "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(embed_dim),
         "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--stretch", str(args.vae_stretch),
+        "--rotate", str(args.vae_rotate),
         "--num-near", str(args.num_near), "--num-uniform", str(args.num_uniform),
         "--queries-per-step", str(args.queries_per_step),
         "--num-workers", str(args.num_workers or 0), "--seed", str(args.seed),
@@ -165,7 +172,7 @@ def run_recipe(args) -> dict:
 
     trained = [name for name, weight in (config.get("tasks") or {}).items()
                if weight and (args.images or name not in IMAGE_TASKS)]
-    summary = {"timings": timings, "vae": {k: vae_metrics.get(k) for k in ("train", "heldout", "timings")},
+    summary = {"timings": timings, "vae": {k: vae_metrics.get(k) for k in ("augment", "train", "heldout", "timings")},
                "tasks": ", ".join(TASK_NAMES.get(name, name) for name in trained),
                "stages": [{k: r[k] for k in ("stage", "num_shape_tokens", "train_loss")} for r in results],
                "pipeline": str(out / "pipeline"),
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-width", type=int, default=64)
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-stretch", type=float, default=2.0, help="train_vae --stretch (augmentation)")
+    parser.add_argument("--vae-rotate", type=float, default=0.0, help="train_vae --rotate (augmentation)")
     parser.add_argument("--embed-dim", type=int, default=None,
                         help="ShapeVAE latent channels; sets the config's model.tiny.shape_latent_channels (default: "
                              "the config's value)")

@@ -274,7 +274,8 @@ def train_vae(args) -> dict:
     timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
 
     metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files),
-               "steps": args.steps, "num_latents": args.num_latents, "num_points": num_points, "timings": timings,
+               "steps": args.steps, "num_latents": args.num_latents, "num_points": num_points,
+               "augment": {"stretch": args.stretch, "rotate": args.rotate}, "timings": timings,
                "history": history, "parameters": sum(p.numel() for p in vae.parameters())}
     for name, data in (("train", train), ("heldout", held)):
         if data is not None:
