@@ -11,7 +11,8 @@ Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tin
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
 * mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
 * image -> caption and image -> 3D on the rendered views of the same held-out objects (the data set's camera);
-* block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each.
+* block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each;
+* with `--by-prompt`, a second table: text -> 3D family accuracy per prompt, worst first.
 Numbers depend on the machine only through the timings.
 """
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     from cgmllm.cli import default_model_dir
     from cgmllm.training.tiny_world import load_tiny_world
     from cgmllm.training.tiny_world_eval import (
+        family_accuracy_by_prompt,
         heldout_rows,
         image_to_caption,
         render_view,
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--verbose", action="store_true", help="print every prompt and caption")
+    parser.add_argument("--by-prompt", action="store_true",
+                        help="also print text -> 3D family accuracy per prompt (all prompts), worst first")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,6 +77,8 @@ def main(argv=None) -> int:
         if args.verbose:
             print(f"text -> 3D, {name}:")
         result = text_to_shape(pipe, subset, **generate)
+        if name == "all":
+            by_prompt = family_accuracy_by_prompt(result["predictions"])
         table += [(f"text->3D family accuracy, {name} ({result['count']})", f"{result['family_accuracy']:.0%}"),
                   (f"text->3D proportion accuracy, {name}", f"{result['proportion_accuracy']:.0%}"),
                   (f"text->3D orientation accuracy, {name}", f"{result['orientation_accuracy']:.0%}")]
@@ -111,6 +117,11 @@ def main(argv=None) -> int:
     print("| metric | value |\n|---|---|")
     for name, value in table:
         print(f"| {name} | {value} |")
+    if args.by_prompt:
+        print("\n| text->3D prompt | family right | generated instead |\n|---|---|---|")
+        for group in by_prompt:
+            instead = ", ".join(f"{family} x{count}" for family, count in group["instead"].most_common())
+            print(f"| {group['caption']} | {group['right']} / {group['total']} | {instead} |")
     return 0
 
 

@@ -252,3 +252,22 @@ def test_family_classifier_is_right_on_ground_truth_and_ignores_pose():
         "box", "cone")
     with pytest.raises(ValueError, match="No family has the attributes"):
         classify_family(cylinder, {"thickness": "thin"}, families=["box"])
+
+
+def test_family_accuracy_by_prompt_groups_and_sorts_worst_first():
+    from cgmllm.training.tiny_world_eval import family_accuracy_by_prompt
+
+    predictions = [
+        {"caption": "a flat box", "family": "box", "predicted": "cylinder"},
+        {"caption": "a cone", "family": "cone", "predicted": "cone"},
+        {"caption": "a flat box", "family": "box", "predicted": "box"},
+        {"caption": "a flat box", "family": "box", "predicted": "cylinder"},
+        {"caption": "a tall pyramid", "family": "pyramid", "predicted": None},  # an empty mesh
+        {"caption": "a cone", "family": "cone", "predicted": "pyramid"},
+    ]
+    groups = family_accuracy_by_prompt(predictions)
+    assert [(g["caption"], g["right"], g["total"]) for g in groups] == [
+        ("a tall pyramid", 0, 1), ("a flat box", 1, 3), ("a cone", 1, 2)]
+    assert dict(groups[0]["instead"]) == {None: 1}
+    assert dict(groups[1]["instead"]) == {"cylinder": 2}
+    assert family_accuracy_by_prompt([]) == []

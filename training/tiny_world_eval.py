@@ -13,10 +13,12 @@ numbers, so the benchmark prints them as a table and the test suite checks a flo
                          protocol: nltk `sentence_bleu` weights (1, 0, 0, 0) with smoothing method1, the `rouge`
                          package's ROUGE-L F, both x100) against the sample's paraphrases as references;
 * `image_to_caption`     the same for the rendered views (the data set's `image` column);
-* `text_to_shape(..., condition="image")`  image -> 3D from the rendered views, scored as text -> 3D.
+* `text_to_shape(..., condition="image")`  image -> 3D from the rendered views, scored as text -> 3D;
+* `family_accuracy_by_prompt`  text -> 3D family accuracy per prompt, worst first (which combinations fail).
 """
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -169,6 +171,25 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
         "seconds": seconds,
         "predictions": predictions,
     }
+
+
+def family_accuracy_by_prompt(predictions: Sequence[dict]) -> list[dict]:
+    """Family accuracy per prompt from `text_to_shape(...)["predictions"]`, worst first: where generation fails.
+
+    Returns one `{"caption", "family", "right", "total", "instead"}` per distinct caption, `instead` counting the
+    families classified in place of the prompted one (`None` for an empty mesh), sorted by accuracy, then caption.
+    """
+    groups: dict[str, dict] = {}
+    for prediction in predictions:
+        group = groups.setdefault(prediction["caption"], {"caption": prediction["caption"],
+                                                          "family": prediction["family"], "right": 0, "total": 0,
+                                                          "instead": Counter()})
+        group["total"] += 1
+        if prediction["predicted"] == prediction["family"]:
+            group["right"] += 1
+        else:
+            group["instead"][prediction["predicted"]] += 1
+    return sorted(groups.values(), key=lambda group: (group["right"] / group["total"], group["caption"]))
 
 
 def caption_scores(candidate: str, references: Sequence[str]) -> tuple[float, float]:
