@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     if args.by_prompt:
         print("\n| text->3D prompt | family right | generated instead |\n|---|---|---|")
         for group in by_prompt:
-            instead = ", ".join(f"{family or 'empty mesh'} x{count}" for family, count in group["instead"].most_common())
+            instead = ", ".join(f"{family or 'empty mesh'} x{count}"
+                                for family, count in group["instead"].most_common())
             print(f"| {group['caption']} | {group['right']} / {group['total']} | {instead} |")
     return 0
 
