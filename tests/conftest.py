@@ -9,6 +9,15 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_MESHES = REPO_ROOT.parent / "shared" / "data" / "real_meshes"
 
+
+def real_mesh_path(name: str) -> Path:
+    """Path of a real mesh from `../shared/data/real_meshes` (meshes nobody here made); skips the test where the
+    shared data is not checked out next to the repository."""
+    path = REAL_MESHES / name
+    if not path.is_file():
+        pytest.skip(f"real mesh {path} is not available")
+    return path
+
 # Token ids of the tiny configs (vocabulary of 99).
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6
 OBJ_START, OBJ_END, OBJ_PAD = 90, 91, 92

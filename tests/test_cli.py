@@ -1,7 +1,5 @@
 """The `cgmllm` command line: render / caption / generate on real meshes and a tiny random pipeline folder."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -9,12 +7,13 @@ import trimesh
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
+from conftest import real_mesh_path
+
 from cgmllm import cli
 from cgmllm.pipelines import CGMLLMPipeline
 from cgmllm.training.testing import tiny_model, tiny_processor, tiny_vae
 
 
-REAL_MESHES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_help_lists_every_command(capsys):
 
 def test_render_real_mesh(tmp_path, capsys):
     output = tmp_path / "preview.png"
-    assert cli.main(["render", str(REAL_MESHES / "ant.ply"), "-o", str(output), "--size", "64", "--views", "3"]) == 0
+    assert cli.main(["render", str(real_mesh_path("ant.ply")), "-o", str(output), "--size", "64", "--views", "3"]) == 0
     image = Image.open(output)
     assert image.size == (3 * 64, 64)
     pixels = np.asarray(image.convert("RGB"))
@@ -77,9 +76,9 @@ def test_render_errors(tmp_path, capsys):
     broken.write_text("this is not a mesh\n")
     assert cli.main(["render", str(broken), "-o", str(tmp_path / "p.png")]) == 2
     assert "broken.obj" in capsys.readouterr().err
-    assert cli.main(["render", str(REAL_MESHES / "ant.ply"), "-o", str(tmp_path / "p.txt")]) == 2
+    assert cli.main(["render", str(real_mesh_path("ant.ply")), "-o", str(tmp_path / "p.txt")]) == 2
     assert "unsupported extension" in capsys.readouterr().err
-    assert cli.main(["render", str(REAL_MESHES / "ant.ply"), "-o", str(tmp_path / "nope" / "p.png")]) == 2
+    assert cli.main(["render", str(real_mesh_path("ant.ply")), "-o", str(tmp_path / "nope" / "p.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -100,7 +99,7 @@ def test_generate_writes_a_mesh(pipe_dir, tmp_path, capsys):
 
 
 def test_caption_mesh_and_image(pipe_dir, tmp_path, capsys):
-    assert cli.main(["caption", str(REAL_MESHES / "sphere.ply"), "--model", str(pipe_dir),
+    assert cli.main(["caption", str(real_mesh_path("sphere.ply")), "--model", str(pipe_dir),
                      "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")
@@ -123,7 +122,7 @@ def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
     fake_image.write_bytes(b"not a png")
     assert cli.main(["caption", str(fake_image), "--model", str(pipe_dir)]) == 2
     assert "not a readable image" in capsys.readouterr().err
-    assert cli.main(["caption", str(REAL_MESHES / "sphere.ply"), "--model", str(tmp_path)]) == 2
+    assert cli.main(["caption", str(real_mesh_path("sphere.ply")), "--model", str(tmp_path)]) == 2
     assert "model_index.json" in capsys.readouterr().err
     assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb"), "--model", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err

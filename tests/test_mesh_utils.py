@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import trimesh
+
+from conftest import real_mesh_path
 
 from cgmllm.mesh_utils import (
     closest_surface_points,
@@ -34,15 +35,7 @@ from cgmllm.volume_decoding import (
 )
 
 
-REAL_MESH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
 REAL_MESHES = ["airplane.ply", "ant.ply", "nut.ply", "sphere.ply"]
-
-
-def real_mesh_path(name: str) -> Path:
-    path = REAL_MESH_DIR / name
-    if not path.is_file():
-        pytest.skip(f"real mesh {path} is not available")
-    return path
 
 
 def closest_faces(mesh: trimesh.Trimesh, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,17 +1,17 @@
 """Tests of the headless NumPy renderer (`cgmllm.rendering`)."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 from PIL import Image
 
+from conftest import real_mesh_path
+
 from cgmllm.rendering import DEFAULT_COLOR, render_mesh, render_multiview, render_views
 
 
-REAL_MESHES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_meshes"
 WHITE = (255, 255, 255)
 
 
@@ -129,10 +129,7 @@ def test_invalid_inputs_raise_value_errors():
 
 
 def test_real_airplane_renders():
-    path = REAL_MESHES / "airplane.ply"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    mesh = trimesh.load(path)
+    mesh = trimesh.load(real_mesh_path("airplane.ply"))
     image = render_mesh(mesh, 128, elevation=30.0)
     assert image.size == (128, 128)
     mask = foreground(image)

@@ -14,6 +14,8 @@ import trimesh
 import yaml
 from safetensors.torch import save_file
 
+from conftest import real_mesh_path
+
 from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_sdf_points, sample_surface
 from cgmllm.modeling_shape_vae import (
     DiagonalGaussianDistribution,
@@ -26,7 +28,6 @@ from cgmllm.modeling_shape_vae import (
 from cgmllm.volume_decoding import decode_volume_dense, decode_volume_hierarchical, marching_cubes
 
 
-REAL_MESH_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
 
 # Tiny model: 256 uniform + 64 sharp-edge points; 32 latents -> 26 uniform and 6 sharp queries, 4 points each.
 TINY = dict(
@@ -55,10 +56,7 @@ def tiny_surface(mesh: trimesh.Trimesh, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def nut() -> trimesh.Trimesh:
-    path = REAL_MESH_DIR / "nut.ply"
-    if not path.is_file():
-        pytest.skip(f"real mesh {path} is not available")
-    return normalize_mesh(load_mesh(path))[0]
+    return normalize_mesh(load_mesh(real_mesh_path("nut.ply")))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,10 +338,7 @@ def test_diagonal_gaussian():
 
 @pytest.mark.parametrize("name", ["airplane.ply", "ant.ply", "nut.ply", "sphere.ply"])
 def test_encode_decode_real_meshes(name):
-    path = REAL_MESH_DIR / name
-    if not path.is_file():
-        pytest.skip(f"real mesh {path} is not available")
-    mesh, _, _ = normalize_mesh(load_mesh(path))
+    mesh, _, _ = normalize_mesh(load_mesh(real_mesh_path(name)))
     model = tiny_vae()
     surface = torch.stack([tiny_surface(mesh, seed=0), tiny_surface(mesh, seed=1)])  # (2, 320, 7)
     with torch.no_grad():

@@ -7,6 +7,8 @@ import pytest
 import torch
 import trimesh
 
+from conftest import real_mesh_path
+
 from cgmllm.modeling_shape_vae import ShapeVAE
 from cgmllm.training import train_vae
 from cgmllm.training.tiny_world import build_tiny_world_dataset
@@ -81,7 +83,7 @@ def test_augmentation_keeps_occupancy_and_the_cube(rotate):
     # occupancy of the mapped mesh, normals mapped by the inverse transpose, the surface fitted to the VAE cube again.
     from cgmllm.mesh_utils import load_mesh, normalize_mesh, occupancy, sample_sdf_points, sample_surface
 
-    mesh = normalize_mesh(load_mesh("../shared/data/real_meshes/nut.ply"))[0]
+    mesh = normalize_mesh(load_mesh(real_mesh_path("nut.ply")))[0]
     surface = sample_surface(mesh, 256, 256, seed=0)[None].astype(np.float32)
     points, labels = sample_sdf_points(mesh, num_near=256, num_uniform=256, seed=1)
     points = points[None].astype(np.float32)
