@@ -14,8 +14,6 @@ from cgmllm.pipelines import CGMLLMPipeline
 from cgmllm.training.testing import tiny_model, tiny_processor, tiny_vae
 
 
-
-
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     processor = tiny_processor()
@@ -76,9 +74,11 @@ def test_render_errors(tmp_path, capsys):
     broken.write_text("this is not a mesh\n")
     assert cli.main(["render", str(broken), "-o", str(tmp_path / "p.png")]) == 2
     assert "broken.obj" in capsys.readouterr().err
-    assert cli.main(["render", str(real_mesh_path("ant.ply")), "-o", str(tmp_path / "p.txt")]) == 2
+    sphere = tmp_path / "sphere.ply"  # error checks need only a readable mesh: our own, so they run without ../shared
+    trimesh.creation.icosphere(subdivisions=1).export(sphere)
+    assert cli.main(["render", str(sphere), "-o", str(tmp_path / "p.txt")]) == 2
     assert "unsupported extension" in capsys.readouterr().err
-    assert cli.main(["render", str(real_mesh_path("ant.ply")), "-o", str(tmp_path / "nope" / "p.png")]) == 2
+    assert cli.main(["render", str(sphere), "-o", str(tmp_path / "nope" / "p.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -122,7 +122,9 @@ def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
     fake_image.write_bytes(b"not a png")
     assert cli.main(["caption", str(fake_image), "--model", str(pipe_dir)]) == 2
     assert "not a readable image" in capsys.readouterr().err
-    assert cli.main(["caption", str(real_mesh_path("sphere.ply")), "--model", str(tmp_path)]) == 2
+    sphere = tmp_path / "sphere.ply"
+    trimesh.creation.icosphere(subdivisions=1).export(sphere)
+    assert cli.main(["caption", str(sphere), "--model", str(tmp_path)]) == 2
     assert "model_index.json" in capsys.readouterr().err
     assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb"), "--model", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from conftest import randomize_heads, real_mesh_path, tiny_cgmllm_config, tiny_text_config
+from conftest import REAL_MESHES, randomize_heads, tiny_cgmllm_config, tiny_text_config
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
@@ -222,7 +222,7 @@ def test_image_to_mesh(pipe, image):
 def test_caption_image_and_mesh(pipe, image, tmp_path):
     captions = pipe.caption(image=[image, image], max_new_tokens=5)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions) and captions[0] == captions[1]
-    mesh_path = real_mesh_path("sphere.ply")
+    mesh_path = REAL_MESHES / "sphere.ply"
     if not mesh_path.exists():  # checkouts without ../shared: a sphere of our own
         mesh_path = tmp_path / "sphere.ply"
         trimesh.creation.icosphere(subdivisions=2).export(mesh_path)
@@ -298,7 +298,7 @@ def test_bad_caption_inputs_raise(pipe, tmp_path, image):
     with pytest.raises(ValueError, match="exactly one"):
         pipe.caption()
     with pytest.raises(ValueError, match="exactly one"):
-        pipe.caption(image=image, mesh=real_mesh_path("sphere.ply"))
+        pipe.caption(image=image, mesh=REAL_MESHES / "sphere.ply")
     broken = tmp_path / "broken.ply"
     broken.write_bytes(b"not a mesh at all")
     with pytest.raises(ValueError):
