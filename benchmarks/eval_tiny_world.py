@@ -2,11 +2,14 @@
 
     python benchmarks/eval_tiny_world.py                                    # the shipped checkpoint
     python benchmarks/eval_tiny_world.py --model runs/tiny-world/pipeline --data runs/tiny-world/data --num 40
+    python benchmarks/eval_tiny_world.py --vae runs/vae/vae --num 60               # a ShapeVAE's round trip only
 
 Without `--data` the held-out split is rebuilt in memory from its specs (the recipe's default sizes and seed).
 
 Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world_eval`):
-* ShapeVAE reconstruction: volume IoU, Chamfer distance and family accuracy of encode -> decode;
+* ShapeVAE reconstruction: volume IoU, Chamfer distance and family accuracy of encode -> decode, on all / novel /
+  seen rows: the accuracy a generator would reach by reproducing the ground truth's own latents, so the cap of the
+  text -> 3D family rows (with `--vae FOLDER`, for that ShapeVAE, e.g. a `train_vae` output, and nothing else);
 * text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
 * mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
@@ -23,9 +26,17 @@ from pathlib import Path
 import torch
 
 
+def print_table(title: str, table: list[tuple[str, str]], start: float) -> None:
+    print(f"\n{title}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all")
+    print("| metric | value |\n|---|---|")
+    for name, value in table:
+        print(f"| {name} | {value} |")
+
+
 def main(argv=None) -> int:
     from cgmllm import CGMLLMPipeline
     from cgmllm.cli import default_model_dir
+    from cgmllm.modeling_shape_vae import ShapeVAE
     from cgmllm.training.tiny_world import load_tiny_world
     from cgmllm.training.tiny_world_eval import (
         family_accuracy_by_prompt,
@@ -46,6 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num-token", type=int, default=10, help="prompts of the block vs token comparison")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=[0.4, 1.0], metavar=("LOW", "HIGH"),
+                        help="CFG only for LOW < t <= HIGH (the official (0.4, 1]); 0 1 guides every step")
+    parser.add_argument("--no-guidance-renorm", dest="guidance_renorm", action="store_false",
+                        help="no global renorm of the guided velocity (the official sampler renorms)")
+    parser.add_argument("--vae", default=None,
+                        help="a ShapeVAE folder (e.g. train_vae's OUT/vae): measure only its round trip")
     parser.add_argument("--octree-resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -61,10 +78,14 @@ def main(argv=None) -> int:
         parser.error("no --model given and no shipped tiny-world checkpoint found")
     pipe = CGMLLMPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    if args.vae:
+        # Only the round trip is meaningful: the pipeline's model was trained on its own VAE's latents.
+        pipe.vae = ShapeVAE.from_pretrained(args.vae).eval().requires_grad_(False)
     test = load_tiny_world(args.data, "test") if args.data else heldout_rows()
     rows = single_shape_rows(test, args.num)
     novel, seen = single_shape_rows(test, args.num, "novel"), single_shape_rows(test, args.num, "seen")
     generate = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                    guidance_interval=tuple(args.guidance_interval), guidance_renorm=args.guidance_renorm,
                     octree_resolution=args.octree_resolution, seed=args.seed, verbose=args.verbose)
     start = time.perf_counter()
 
@@ -72,7 +93,14 @@ def main(argv=None) -> int:
     vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution)
     table += [(f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
               ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}"),
-              ("ShapeVAE round-trip family accuracy", f"{vae['family_accuracy']:.0%}")]
+              ("ShapeVAE round-trip family accuracy, all", f"{vae['family_accuracy']:.0%}")]
+    for name, novel_rows in (("novel combinations", True), ("seen combinations", False)):
+        hits = [p["predicted"] == p["family"] for p in vae["predictions"] if p["novel_combination"] == novel_rows]
+        table.append((f"ShapeVAE round-trip family accuracy, {name} ({len(hits)})",
+                      f"{sum(hits) / len(hits):.0%}" if hits else "n/a"))
+    if args.vae:
+        print_table(f"{args.vae}: octree {args.octree_resolution}", table, start)
+        return 0
     for name, subset in (("all", rows), ("novel combinations", novel), ("seen combinations", seen)):
         if args.verbose:
             print(f"text -> 3D, {name}:")
@@ -112,11 +140,9 @@ def main(argv=None) -> int:
                f"{token['seconds'] / len(few):.2f} s / {token['family_accuracy']:.0%}"),
               ("token-by-token / block time ratio", f"{token['seconds'] / max(block['seconds'], 1e-9):.1f}x")]
 
-    print(f"\n{Path(model).name}: {args.steps} Euler steps, CFG {args.guidance_scale}, octree "
-          f"{args.octree_resolution}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s in all")
-    print("| metric | value |\n|---|---|")
-    for name, value in table:
-        print(f"| {name} | {value} |")
+    low, high = args.guidance_interval
+    print_table(f"{Path(model).name}: {args.steps} Euler steps, CFG {args.guidance_scale} for t in ({low:g}, {high:g}]"
+                f"{'' if args.guidance_renorm else ' without renorm'}, octree {args.octree_resolution}", table, start)
     if args.by_prompt:
         print("\n| text->3D prompt | family right | generated instead |\n|---|---|---|")
         for group in by_prompt:

@@ -271,3 +271,26 @@ def test_family_accuracy_by_prompt_groups_and_sorts_worst_first():
     assert dict(groups[0]["instead"]) == {None: 1}
     assert dict(groups[1]["instead"]) == {"cylinder": 2}
     assert family_accuracy_by_prompt([]) == []
+
+
+def test_text_to_shape_passes_the_sampling_arguments_to_the_pipeline():
+    # The benchmark's --guidance-interval / --no-guidance-renorm reach the pipeline: a reversed interval is the
+    # pipeline's own error, and a valid one generates.
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cgmllm.pipelines import CGMLLMPipeline
+    from cgmllm.training.testing import tiny_model, tiny_processor, tiny_vae
+    from cgmllm.training.tiny_world_eval import text_to_shape
+
+    processor = tiny_processor()
+    pipe = CGMLLMPipeline(model=tiny_model(processor).eval(), vae=tiny_vae(), processor=processor,
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    rows = [{"caption": "a ball", "family": "sphere", "mesh": trimesh.creation.icosphere()}]
+    with pytest.raises(ValueError, match="guidance_interval"):
+        text_to_shape(pipe, rows, num_inference_steps=2, guidance_interval=(0.9, 0.1))
+    with torch.no_grad():
+        result = text_to_shape(pipe, rows, num_inference_steps=2, octree_resolution=16, guidance_interval=None,
+                               guidance_renorm=False)
+    assert result["count"] == 1 and len(result["predictions"]) == 1

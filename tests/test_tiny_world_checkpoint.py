@@ -75,3 +75,29 @@ def test_vae_round_trip_keeps_the_shapes(pipe, rows):
     assert result["count"] == 6
     assert result["iou"] >= 0.6 and result["chamfer"] < 0.2, result
     assert result["family_accuracy"] >= 0.5, result
+
+
+def test_benchmark_round_trip_rows_per_subset(capsys):
+    # `eval_tiny_world.py --vae FOLDER` prints only the ShapeVAE rows, the round trip split into novel and seen rows
+    # (the cap of text -> 3D on each). Here FOLDER is the shipped VAE itself.
+    import importlib.util
+
+    from cgmllm.cli import default_model_dir
+
+    path = default_model_dir().parents[1] / "benchmarks" / "eval_tiny_world.py"
+    if not path.is_file():
+        pytest.skip(f"{path} is not in this checkout")
+    spec = importlib.util.spec_from_file_location("eval_tiny_world", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--vae", str(default_model_dir() / "vae"), "--num", "4", "--threads", "2"]) == 0
+    rows = dict(line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| ") and not line.startswith("| metric"))
+    percent = {name: float(value.rstrip("%")) for name, value in rows.items() if "round-trip" in name}
+    assert set(percent) == {"ShapeVAE round-trip family accuracy, all",
+                            "ShapeVAE round-trip family accuracy, novel combinations (2)",
+                            "ShapeVAE round-trip family accuracy, seen combinations (2)"}, rows
+    assert not any("text->3D" in name for name in rows)
+    novel, seen = (percent[f"ShapeVAE round-trip family accuracy, {name} combinations (2)"]
+                   for name in ("novel", "seen"))
+    assert percent["ShapeVAE round-trip family accuracy, all"] == pytest.approx((novel + seen) / 2, abs=1)

@@ -102,10 +102,11 @@ def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, 
     Returns the mean volume IoU (occupancy of `num_queries` uniform points in the VAE cube, ground truth by
     winding number vs. decoded field > 0), the mean Chamfer distance between the decoded and the ground-truth
     surface, both meshes normalised to the VAE cube `[-1, 1]^3` as the processor does, and `family_accuracy`: the
-    share of decoded meshes that `classify_family` still assigns to their family.
+    share of decoded meshes that `classify_family` still assigns to their family, with the per-row `predictions`
+    (as `text_to_shape` returns them, plus `novel_combination`), so that the cap can be read per subset.
     """
     rng = np.random.default_rng(seed)
-    ious, chamfers, family_hits = [], [], 0
+    ious, chamfers, family_hits, predictions = [], [], 0, []
     for row in rows:
         truth = normalize_mesh(row["mesh"])[0]
         latents = pipe.encode_mesh(row["mesh"])
@@ -117,17 +118,22 @@ def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, 
         ious.append(float((predicted & inside).sum() / union) if union else 1.0)
         decoded = pipe.vae.latents_to_mesh(latents, octree_resolution=octree_resolution)[0]
         chamfers.append(_chamfer(decoded, truth) if len(decoded.faces) else float("nan"))
-        family_hits += bool(len(decoded.faces)) and classify_family(decoded, row_attributes(row)) == row["family"]
+        family = classify_family(decoded, row_attributes(row)) if len(decoded.faces) else None
+        family_hits += family == row["family"]
+        predictions.append({"caption": row["caption"], "family": row["family"], "predicted": family,
+                            "novel_combination": bool(row.get("novel_combination"))})
     return {"iou": float(np.mean(ious)), "chamfer": float(np.nanmean(chamfers)),
-            "family_accuracy": family_hits / max(len(rows), 1), "count": len(rows)}
+            "family_accuracy": family_hits / max(len(rows), 1), "count": len(rows), "predictions": predictions}
 
 
 @torch.no_grad()
 def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, guidance_scale: float = 4.0,
                   octree_resolution: int = 64, seed: int = 0, batch_size: int = 10, shape_block_size=None,
-                  verbose: bool = False, condition: str = "text") -> dict:
+                  verbose: bool = False, condition: str = "text",
+                  guidance_interval: tuple[float, float] | None = (0.4, 1.0), guidance_renorm: bool = True) -> dict:
     """Generate one shape per row from its canonical caption (`condition="text"`) or its rendered view
-    (`condition="image"`, `render_view`), row `i` with generator seed `seed + i`, and score it.
+    (`condition="image"`, `render_view`), row `i` with generator seed `seed + i`, and score it. The sampling
+    arguments go to the pipeline as they are (`guidance_interval=None`: CFG at every step).
 
     Returns `family_accuracy`, `proportion_accuracy` and `orientation_accuracy` (each over the rows where the
     ground-truth mesh has that property), the per-row `predictions`, and `seconds` spent generating.
@@ -146,7 +152,8 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
                   else {"image": [render_view(row) for row in batch]})
         output = pipe(**inputs, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, octree_resolution=octree_resolution, generator=generators,
-                      shape_block_size=shape_block_size)
+                      shape_block_size=shape_block_size, guidance_interval=guidance_interval,
+                      guidance_renorm=guidance_renorm)
         seconds += time.perf_counter() - tick
         for row, mesh in zip(batch, output.meshes):
             truth = row["mesh"]
