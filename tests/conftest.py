@@ -18,6 +18,7 @@ def real_mesh_path(name: str) -> Path:
         pytest.skip(f"real mesh {path} is not available")
     return path
 
+
 # Token ids of the tiny configs (vocabulary of 99).
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6
 OBJ_START, OBJ_END, OBJ_PAD = 90, 91, 92

@@ -28,7 +28,6 @@ from cgmllm.modeling_shape_vae import (
 from cgmllm.volume_decoding import decode_volume_dense, decode_volume_hierarchical, marching_cubes
 
 
-
 # Tiny model: 256 uniform + 64 sharp-edge points; 32 latents -> 26 uniform and 6 sharp queries, 4 points each.
 TINY = dict(
     num_latents=32,
