@@ -24,14 +24,18 @@ from .pipelines import CGMLLMPipeline, CGMLLMPipelineOutput  # noqa: E402  (subp
 
 __version__ = "0.1.0"
 
+# As transformers maps Qwen3-VL: `AutoModel` -> the base model (no heads), `AutoModelForImageTextToText` -> the model
+# with its heads (text and velocity), which is what generation and the pipeline use.
 AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
-AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
+AutoModel.register(CGMLLMConfig, CGMLLMModel, exist_ok=True)
 AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(CGMLLMConfig, CGMLLMProcessor, exist_ok=True)
-# `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
-# with `trust_remote_code=True` where this package is not installed.
+# `save_pretrained` copies the modeling files next to the weights and writes `auto_map` (both model classes, see
+# `CGMLLMPreTrainedModel.save_pretrained`), so checkpoints load with `trust_remote_code=True` where this package is
+# not installed.
 CGMLLMConfig.register_for_auto_class("AutoConfig")
-CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
+CGMLLMModel.register_for_auto_class("AutoModel")
+CGMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 CGMLLMProcessor.register_for_auto_class("AutoProcessor")
 
 

@@ -83,9 +83,7 @@ class CGMLLMDataCollator:
             from .data import example_surface
             from .preprocess import encode_latents
 
-            config = self.vae.config
-            points = self.num_surface_points or config.pc_size
-            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)
+            surface = example_surface(example, self.vae.config, seed=self.seed, num_points=self.num_surface_points)
             return encode_latents(self.vae, surface[None], n, seed=self.seed)[0]
         raise ValueError(
             f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "

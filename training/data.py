@@ -315,21 +315,18 @@ def _mesh_source(mesh: dict):
     return mesh["path"]
 
 
-def example_surface(example: dict, num_points: int, num_sharp_points: int = 0, seed: int = 0) -> torch.Tensor:
-    """The `(P, 7)` VAE input of one example (`mesh` or `points` column), normalised into the VAE cube."""
-    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_surface
+def example_surface(example: dict, vae_config, seed: int = 0, num_points: int | None = None,
+                    num_sharp_points: int | None = None) -> torch.Tensor:
+    """The `(P, 7)` VAE input of one example (`mesh` or `points` column), drawn by `mesh_utils.sample_vae_surface`
+    with the VAE config's counts (`pc_size` uniform + `pc_sharpedge_size` sharp), as mesh captioning draws it."""
+    from cgmllm.mesh_utils import sample_vae_surface
 
-    total = num_points + num_sharp_points
     if example.get("points") is not None:
-        points = torch.as_tensor(np.asarray(example["points"], dtype=np.float32))
-        if points.shape[1] == 6:
-            points = torch.cat([points, torch.zeros(points.shape[0], 1)], dim=1)
-        generator = torch.Generator().manual_seed(seed)
-        return points[torch.randint(0, points.shape[0], (total,), generator=generator)]
-    mesh = example["mesh"]
-    source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
-    mesh = normalize_mesh(load_mesh(source))[0]
-    return torch.from_numpy(sample_surface(mesh, num_points, num_sharp_points, seed=seed))
+        source = np.asarray(example["points"], dtype=np.float32)
+    else:
+        mesh = example["mesh"]
+        source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
+    return sample_vae_surface(source, vae_config, seed=seed, num_points=num_points, num_sharp_points=num_sharp_points)
 
 
 __all__ = ["LAYOUTS", "detect_layout", "example_surface", "load_caption_dataset", "load_points"]
