@@ -871,6 +871,81 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
                 model_inputs.pop(name, None)
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Repeat every prompt `expand_size` times for beam search / `num_return_sequences > 1`.
+
+        `GenerationMixin` repeats each tensor row by row along dim 0. That is right for `(batch, ...)` tensors, but
+        the 3D latents and the image patches are flattened over the batch: `shape_latents` `(num_latent_rows, C)`
+        (with per-row `shape_timesteps` / `shape_loss_mask`) and `pixel_values` `(num_patches, D)` with one
+        `image_grid_thw` row per image. Those are cut into one chunk per prompt (by its `<|obj_pad|>` count, by
+        its images' patch counts) and each chunk is repeated whole, so that copy k of prompt b holds prompt b's
+        objects and images: `[a, b] -> [a, a, b, b]` object by object, not `[a0, a0, a1, a1, ...]` row by row.
+        """
+        if expand_size == 1 or input_ids is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        config = self.config
+
+        def repeat_chunks(values: torch.Tensor, counts: list[int], name: str) -> torch.Tensor:
+            if sum(counts) != values.shape[0]:
+                raise ValueError(
+                    f"`{name}` has {values.shape[0]} rows but the prompts need {sum(counts)} ({counts} per prompt)."
+                )
+            chunks = values.split(counts)
+            return torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
+
+        flat = {}
+        shape_latents = model_kwargs.pop("shape_latents", None)
+        if shape_latents is not None:
+            if isinstance(shape_latents, (list, tuple)):
+                shape_latents = torch.cat([torch.as_tensor(x) for x in shape_latents], dim=0)
+            shape_latents = shape_latents.reshape(-1, shape_latents.shape[-1])
+            rows_per_prompt = (input_ids == config.obj_pad_token_id).sum(-1).tolist()
+            flat["shape_latents"] = repeat_chunks(shape_latents, rows_per_prompt, "shape_latents")
+            for name in ("shape_timesteps", "shape_loss_mask"):
+                value = model_kwargs.pop(name, None)
+                if value is not None:
+                    value = torch.as_tensor(value).reshape(-1)
+                    # A single value applies to every row and needs no copies.
+                    flat[name] = value if value.numel() == 1 else repeat_chunks(value, rows_per_prompt, name)
+
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_grid_thw = model_kwargs.pop("image_grid_thw", None)
+        if pixel_values is not None and image_grid_thw is not None:
+            merge = config.vision_config.spatial_merge_size
+            patches = image_grid_thw.prod(-1).tolist()
+            tokens = [p // (merge * merge) for p in patches]
+            tokens_per_prompt = (input_ids == config.image_token_id).sum(-1).tolist()
+            # Images belong to prompts in order: prompt b holds the next images whose tokens add up to its count.
+            images_per_prompt, image = [], 0
+            for needed in tokens_per_prompt:
+                start = image
+                while needed > 0 and image < len(tokens):
+                    needed -= tokens[image]
+                    image += 1
+                if needed != 0:
+                    raise ValueError(
+                        f"The image tokens of the prompts ({tokens_per_prompt}) do not match the images' grids "
+                        f"({image_grid_thw.tolist()})."
+                    )
+                images_per_prompt.append(image - start)
+            patches_per_prompt = [
+                sum(patches[start:start + count])
+                for start, count in zip(torch.tensor([0] + images_per_prompt).cumsum(0).tolist(), images_per_prompt)
+            ]
+            flat["pixel_values"] = repeat_chunks(pixel_values, patches_per_prompt, "pixel_values")
+            flat["image_grid_thw"] = repeat_chunks(image_grid_thw, images_per_prompt, "image_grid_thw")
+        else:
+            model_kwargs.update(
+                {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None}
+            )
+
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(flat)
+        return input_ids, model_kwargs
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # (4, batch, seq_len): row 0 text positions (bookkeeping for generate), rows 1-3 CG-MLLM's mRoPE ids.
         text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
