@@ -80,6 +80,13 @@ def convert_official_state_dict(official: dict, model, obj_start_id: int, obj_en
 
     if LM_HEAD_KEY not in converted and EMBED_KEY in converted:
         converted[LM_HEAD_KEY] = converted[EMBED_KEY]
+    if EMBED_KEY in converted and LM_HEAD_KEY in converted and \
+            converted[EMBED_KEY].shape[0] != converted[LM_HEAD_KEY].shape[0]:
+        # Both are mapped row by row onto one vocabulary: different counts mean a truncated or foreign tensor.
+        raise ValueError(
+            f"The official embedding has {converted[EMBED_KEY].shape[0]} rows but its lm_head has "
+            f"{converted[LM_HEAD_KEY].shape[0]}; both must cover the same vocabulary."
+        )
     vocab_info = {}
     for key in (EMBED_KEY, LM_HEAD_KEY):
         if key not in converted:

@@ -22,6 +22,7 @@ installed (the components then come from the files in their own folders).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -610,10 +611,14 @@ class CGMLLMPipeline(DiffusionPipeline):
         `trust_remote_code=True` for the files in the folder)."""
         path = Path(pretrained_model_name_or_path)
         try:
-            from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
-            from cgmllm.modeling_shape_vae import ShapeVAE
+            # Looked up by name, not with an import statement: diffusers scans a remote-code file's import lines and
+            # would tell users of the folder to `pip install cgmllm`, which they need not (and which is not even the
+            # distribution's name, `cg-mllm`).
+            cgmllm = importlib.import_module("cgmllm")
+            ShapeVAE = importlib.import_module("cgmllm.modeling_shape_vae").ShapeVAE
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
         if not (path / "model_index.json").is_file():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
