@@ -313,6 +313,18 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
     _can_compile_fullgraph = False
     _can_record_outputs = {}
 
+    # Remote-code classes per Auto class, as transformers maps Qwen3-VL (`AutoModel` = the base model).
+    _AUTO_MAP = {
+        "AutoModel": "modeling_cgmllm.CGMLLMModel",
+        "AutoModelForImageTextToText": "modeling_cgmllm.CGMLLMForConditionalGeneration",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` writes only the saved class's entry; a checkpoint of either class loads as both.
+        if isinstance(self.config, CGMLLMConfig):
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, CGMLLMForConditionalGeneration):
@@ -1003,13 +1015,6 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             shape_block_ids=model_kwargs.get("shape_block_ids"),
         )
         return torch.cat([text_positions.reshape(1, *input_ids.shape), rope], dim=0)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", "modeling_cgmllm.CGMLLMForConditionalGeneration")
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Builders

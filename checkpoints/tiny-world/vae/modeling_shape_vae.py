@@ -410,6 +410,9 @@ class ShapeVAELossOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: Where `from_hunyuan3d` weights come from (their licence: Tencent Hunyuan 3D 2.1 Community License).
+HUNYUAN3D_RELEASE = "tencent/Hunyuan3D-2.1"
+
 _WEIGHT_FILES = ("model.fp16.safetensors", "model.safetensors", "model.fp16.ckpt", "model.ckpt")
 
 
@@ -435,6 +438,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         geo_decoder_mlp_expand_ratio, geo_decoder_ln_post, use_ln_post: geometry decoder MLP ratio; final norms.
         with_encoder: False for decoder-only checkpoints (Hunyuan3D-2.0 `hunyuan3d-vae-v2-0`).
         scale_factor: multiply latents by it before diffusion, divide before decoding (not applied here).
+        weights_source: Hub id of the release the weights come from (`from_hunyuan3d` sets `tencent/Hunyuan3D-2.1`);
+            None for a VAE trained with this package. Model cards take the licence of a folder from it.
     """
 
     _supports_gradient_checkpointing = True
@@ -462,6 +467,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         use_ln_post: bool = True,
         with_encoder: bool = True,
         scale_factor: float = 1.0039506158752403,
+        weights_source: str | None = None,
     ):
         super().__init__()
         if width % heads != 0:
@@ -857,7 +863,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
                 pipeline safetensors with `vae.` keys) or a folder holding `config.yaml` and `model[.fp16].{safetensors,
                 ckpt}` (as `hunyuan3d-vae-v2-1/`).
             torch_dtype: dtype of the returned model (default float32; the released weights are fp16).
-            config_overrides: config fields that win over everything else.
+            config_overrides: config fields that win over everything else (e.g. `weights_source="tencent/Hunyuan3D-2"`
+                for 2.0 weights; the default records `tencent/Hunyuan3D-2.1`).
 
         Config precedence: 2.1 defaults < `params` of a `config.yaml` next to the weights < shapes inferred from the
         tensors < `config_overrides`.
@@ -886,6 +893,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
 
         state_dict = cls.read_hunyuan3d_state_dict(path)
         config.update(cls.config_from_state_dict(state_dict))
+        config["weights_source"] = HUNYUAN3D_RELEASE  # the licence of these weights goes with every copy
         config.update(config_overrides)
         try:  # skip the random init of ~330M parameters that the checkpoint overwrites anyway
             from accelerate import init_empty_weights
