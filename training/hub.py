@@ -88,7 +88,7 @@ def model_card_data(base_model: str | list[str] | None = "Qwen/Qwen3-VL-2B-Instr
     return ModelCardData(
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
-        base_model=base_models or None,
+        base_model=base_models[0] if len(base_models) == 1 else (base_models or None),
         datasets=list(datasets or []),
         tags=base_tags + [t for t in (tags or []) if t not in base_tags],
         **licence,
