@@ -78,9 +78,10 @@ def _uncached_reference(pipe, contexts, noise, guidance_scale, interval=(0.4, 1.
     sequence [context, clean blocks < j, noisy block j] recomputed at every step, Euler written out by hand."""
     model, processor = pipe.model, pipe.processor
     config = model.config
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(STEPS)
-    sigmas = scheduler.sigmas.tolist()
+    # The official grid: t = linspace(1, 0, STEPS + 1) shifted by s, STEPS Euler steps ending at t = 0.
+    shift = pipe.scheduler.config.shift
+    grid = torch.linspace(1, 0, STEPS + 1, dtype=torch.float64)
+    sigmas = (shift * grid / (1 + (shift - 1) * grid)).tolist()
     size = block_size or noise.shape[1]
     num_blocks = noise.shape[1] // size
     results = []
