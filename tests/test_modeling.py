@@ -22,7 +22,7 @@ from conftest import (
 from transformers import AutoConfig, AutoModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from cgmllm import CGMLLMConfig, CGMLLMForConditionalGeneration
-from cgmllm.masking_cgmllm import create_hybrid_attention_mask
+from cgmllm.masking_cgmllm import create_hybrid_attention_mask, hybrid_mask_function
 
 
 def _tiny_qwen(seed=0):
@@ -139,6 +139,27 @@ def test_hybrid_mask_region_by_region(tiny_config):
     assert m2[10:13, 10:13].all()
     torch.testing.assert_close(m, _reference_mask(block, noisy, sample, keep))
     torch.testing.assert_close(m2, _reference_mask(block2, noisy2, sample2, [True] * 18))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_mask_of_a_block_after_a_cache_is_the_padding_mask_and_follows_the_rule(tiny_config, implementation):
+    # A denoising step: 2 left-padded cached prompts (7 columns, row 1 has 3 padding), then one noisy block of 5 tokens.
+    past, length = 7, 5
+    keep = torch.tensor([[1] * 12, [0] * 3 + [1] * 9]).bool()
+    block_ids = torch.zeros(2, length, dtype=torch.long)
+    noisy = torch.ones(2, length, dtype=torch.bool)
+    config = tiny_config.text_config
+    config._attn_implementation = implementation
+    mask = create_hybrid_attention_mask(config, torch.zeros(2, length, 32), keep.long(), past, block_ids, noisy)
+    assert mask.shape == (2, 1, 1, past + length)  # broadcast over the queries: O(kv_len), not O(q_len * kv_len)
+    allowed = mask if implementation == "sdpa" else mask == 0
+    # The general rule, evaluated query by query, gives the same mask for every query.
+    pad = lambda t, v: torch.cat([torch.full((2, past), v, dtype=t.dtype), t], 1)  # noqa: E731
+    rule = hybrid_mask_function(keep, pad(block_ids, -1), pad(noisy, False), torch.zeros(2, past + length).long())
+    for b in range(2):
+        for q in range(past, past + length):
+            expected = torch.stack([rule(b, 0, torch.tensor(q), torch.tensor(k)) for k in range(past + length)])
+            assert torch.equal(allowed[b, 0, 0], expected), (b, q)
 
 
 def _mixed_batch(num_rows=6, channels=8):

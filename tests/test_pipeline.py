@@ -146,6 +146,28 @@ def test_blockwise_generation_matches_uncached_reference(pipe, block_size):
     torch.testing.assert_close(out.latents, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [N, 4])
+def test_steps_outside_the_guidance_interval_run_only_the_conditional_rows(pipe, block_size):
+    rows = []
+    forward = pipe.model.forward
+
+    def recording_forward(*args, **kwargs):
+        if kwargs.get("shape_timesteps") is not None and kwargs.get("update_cache") is False:
+            rows.append((kwargs["input_ids"].shape[0], float(kwargs["shape_timesteps"].reshape(-1)[0])))
+        return forward(*args, **kwargs)
+
+    pipe.model.forward = recording_forward
+    try:
+        pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=3.0, guidance_interval=(0.4, 1.0),
+             shape_block_size=block_size, generator=_seed(), output_type="latent")
+    finally:
+        del pipe.model.forward
+    assert len(rows) == STEPS * (N // block_size)
+    assert any(t <= 0.4 for _, t in rows) and any(t > 0.4 for _, t in rows)
+    for batch, t in rows:  # cond + uncond rows inside the interval, the conditional rows alone outside it
+        assert batch == (2 * len(PROMPTS) if 0.4 < t <= 1.0 else len(PROMPTS)), (batch, t)
+
+
 def test_block_size_n_is_the_whole_object_and_smaller_blocks_return_n_rows(pipe):
     kwargs = dict(num_inference_steps=STEPS, output_type="latent")
     whole = pipe(PROMPTS, generator=_seed(), **kwargs).latents

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import check_finite_samples
+
 
 TASKS = ("text_to_shape", "image_to_shape", "shape_caption", "image_caption")
 GENERATION_TASKS = ("text_to_shape", "image_to_shape")
 IMAGE_TASKS = ("image_to_shape", "image_caption")
-"""Tasks that need the example's `image`; an example without one does the others only."""
+"""Tasks that need a view of the object (`image`, or one of `images`); an example without one does the others only."""
+CAPTION_TASKS = ("text_to_shape", "shape_caption", "image_caption")
+"""Tasks that need the example's `caption`; an example without one (t500k rows without captions) does image -> 3D."""
 
 
 @dataclass
@@ -39,6 +43,10 @@ class CGMLLMDataCollator:
         max_tokens: token budget of a packed row; None puts one sample per (right-padded) row, unpacked.
         seed: base seed of the per-sample randomness.
         vae: optional frozen ShapeVAE for on-the-fly encoding.
+        return_uids: add `sample_uids` (the batch's sample ids, in order) to the batch. `CGMLLMTrainer` turns it on
+            to name the samples of a batch whose loss is not finite, and removes the key before the forward.
+
+    Latents that are not finite (read from the cache or encoded here) raise a `ValueError` naming the sample.
     """
 
     processor: object
@@ -50,6 +58,7 @@ class CGMLLMDataCollator:
     vae: object = None
     num_surface_points: int | None = None
     epoch: int = 0
+    return_uids: bool = False
 
     def __post_init__(self):
         unknown = set(self.task_weights) - set(TASKS)
@@ -78,6 +87,7 @@ class CGMLLMDataCollator:
                         f"Sample {example.get('uid')!r}: column {column!r} holds latents of shape "
                         f"{tuple(latents.shape)}, but this stage uses {n} shape tokens. Encode the data at N={n}."
                     )
+                check_finite_samples(latents[None], [example.get("uid")], f"The cached latents ({column!r})")
                 return latents
         if self.vae is not None and (example.get("mesh") is not None or example.get("points") is not None):
             from .data import example_surface
@@ -85,19 +95,35 @@ class CGMLLMDataCollator:
 
             config = self.vae.config
             points = self.num_surface_points or config.pc_size
-            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)
-            return encode_latents(self.vae, surface[None], n, seed=self.seed)[0]
+            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)[None]
+            check_finite_samples(surface, [example.get("uid")], "The surface points")
+            latents = encode_latents(self.vae, surface, n, seed=self.seed)
+            check_finite_samples(latents, [example.get("uid")], f"The ShapeVAE latents (N={n})")
+            return latents[0]
         raise ValueError(
             f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "
             "its shape on the fly."
         )
 
     def _choose_task(self, example, rng) -> str:
-        has_image = example.get("image") is not None
-        tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or t not in IMAGE_TASKS)]
+        has_image = example.get("image") is not None or bool(example.get("images"))
+        caption = example.get("caption")
+        has_caption = isinstance(caption, str) and bool(caption.strip())
+        tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or t not in IMAGE_TASKS)
+                 and (has_caption or t not in CAPTION_TASKS)]
         if not tasks:
-            raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}.")
+            lacks = " and no ".join(what for what, present in (("image", has_image), ("caption", has_caption))
+                                    if not present)
+            raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}: it "
+                             f"has no {lacks}.")
         return rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
+
+    @staticmethod
+    def _image(example, rng):
+        """The example's view: `image`, or one of `images` drawn per sample and epoch (the t500k `image_list`)."""
+        if example.get("image") is not None:
+            return example["image"]
+        return rng.choice(list(example["images"]))
 
     def build_sample(self, example) -> dict:
         """One example -> `input_ids`, `labels` (lists), `latents`, `loss_mask`, `pixel_values`, `image_grid_thw`."""
@@ -105,8 +131,6 @@ class CGMLLMDataCollator:
         rng = self._rng(example)
         task = self._choose_task(example, rng)
         caption = example.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"Sample {example.get('uid')!r} has an empty caption.")
         drop = task in GENERATION_TASKS and rng.random() < self.condition_dropout
         images, target = None, None
         if task == "text_to_shape":
@@ -117,12 +141,12 @@ class CGMLLMDataCollator:
             prompt = processor.text_to_shape_prompt("" if drop else prompt_text) + "<shape>"
         elif task == "image_to_shape":
             prompt = ("" if drop else processor.image_to_shape_prompt()) + "<shape>"
-            images = None if drop else [example["image"]]
+            images = None if drop else [self._image(example, rng)]
         elif task == "shape_caption":
             prompt, target = processor.shape_caption_prompt(), processor.caption_target(caption)
         else:
             prompt, target = processor.image_caption_prompt(), processor.caption_target(caption)
-            images = [example["image"]]
+            images = [self._image(example, rng)]
         encoded = processor(text=prompt, images=images, num_shape_tokens=self.num_shape_tokens, padding=False)
         input_ids = encoded["input_ids"][0].tolist()
         labels = [-100] * len(input_ids)
@@ -196,7 +220,9 @@ class CGMLLMDataCollator:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
             batch["image_grid_thw"] = torch.cat(grids)
+        if self.return_uids:
+            batch["sample_uids"] = [sample["uid"] for sample in samples]
         return batch
 
 
-__all__ = ["CGMLLMDataCollator", "GENERATION_TASKS", "IMAGE_TASKS", "TASKS"]
+__all__ = ["CAPTION_TASKS", "CGMLLMDataCollator", "GENERATION_TASKS", "IMAGE_TASKS", "TASKS"]
