@@ -720,7 +720,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
             inputs_embeds = inputs_embeds.masked_scatter(
-                shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds.dtype)
+                shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds)
             )
             noisy_shape_mask = self._noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps)
         else:
@@ -825,7 +825,9 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of latent rows in "
                 f"`shape_latents` ({shape_latents.shape[0]})."
             )
-        device = self.obj2llm.weight.device
+        # The inputs' device, not a parameter's: under sequential offload parameters sit on `meta`, and under a
+        # `device_map` accelerate's hooks move the connector's inputs to wherever it lives.
+        device = shape_row_mask.device
         x = shape_latents.to(device=device, dtype=torch.float32)
         velocity_target = flow_loss_mask = None
         time_embeds = None

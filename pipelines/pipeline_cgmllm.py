@@ -119,6 +119,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         processor ([`CGMLLMProcessor`]): tokenizer, image processor and the prompt formats.
     """
 
+    # Generation runs the model, then the VAE (decoding). Captioning a mesh runs them the other way round: `caption`
+    # hands the VAE back to the CPU itself before the model starts (see `_offload_now`).
     model_cpu_offload_seq = "model->vae"
     _callback_tensor_inputs = ["latents"]
 
@@ -564,6 +566,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             if not 1 <= num_shape_tokens <= self.max_shape_tokens:
                 raise ValueError(f"`num_shape_tokens` must be in [1, {self.max_shape_tokens}], got {num_shape_tokens}.")
             latents = self.encode_mesh(mesh, num_shape_tokens)
+            self._offload_now(self.vae)
             texts = [processor.shape_caption_prompt(**question)] * latents.shape[0]
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
@@ -574,6 +577,15 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         self.maybe_free_model_hooks()
         return processor.decode_captions(generated[:, prompt_length:])
+
+    def _offload_now(self, component) -> None:
+        """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
+        (`model_cpu_offload_seq`) offloads a component only when the *next* one in the sequence starts, which is
+        right for generation (model -> VAE) but would leave the VAE on the accelerator next to the model while a mesh
+        caption is generated (VAE -> model). A no-op without model offloading."""
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if getattr(hook, "model", None) is component:
+                hook.offload()
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
