@@ -89,6 +89,11 @@ class CGMLLMDataCollator:
             points = self.num_surface_points or config.pc_size
             surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)
             return encode_latents(self.vae, surface[None], n, seed=self.seed)[0]
+        if example.get("point_cloud") is not None:
+            raise ValueError(
+                f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`, xyz + rgb: PointLLM's caption "
+                "set), not a shape the ShapeVAE encodes; it serves the PointBERT captioning path only."
+            )
         raise ValueError(
             f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "
             "its shape on the fly."
