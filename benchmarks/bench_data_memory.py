@@ -154,7 +154,7 @@ def main(argv=None) -> None:
             print(f"{'import':<10} {'':>7} {'':>8} {r['build_peak_mib']:>9.0f}")
             continue
         label = f"map_proc{args.num_proc}" if r["method"] == "map_proc" else r["method"]
-        worker = f"{r['worker_peak_mib']:>11.0f}" if r.get("worker_peak_mib") else f"{'-':>11}"
+        worker = f"{r['worker_peak_mib']:>11.0f}" if r["method"] == "map_proc" else f"{'-':>11}"
         print(f"{label:<10} {r['rows']:>7} {r['build_s']:>8.1f} {r['build_peak_mib']:>9.0f} "
               f"{r['build_peak_mib'] - floor:>13.0f} {r['read_peak_mib']:>11.0f} {r['arrow_mib']:>10.1f} {worker}")
     by_method = {r["method"]: r for r in results}
