@@ -23,6 +23,7 @@ installed (the components then come from the files in their own folders).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -118,6 +119,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         processor ([`CGMLLMProcessor`]): tokenizer, image processor and the prompt formats.
     """
 
+    # Generation runs the model, then the VAE (decoding). Captioning a mesh runs them the other way round: `caption`
+    # hands the VAE back to the CPU itself before the model starts (see `_offload_now`).
     model_cpu_offload_seq = "model->vae"
     _callback_tensor_inputs = ["latents"]
 
@@ -563,6 +566,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             if not 1 <= num_shape_tokens <= self.max_shape_tokens:
                 raise ValueError(f"`num_shape_tokens` must be in [1, {self.max_shape_tokens}], got {num_shape_tokens}.")
             latents = self.encode_mesh(mesh, num_shape_tokens)
+            self._offload_now(self.vae)
             texts = [processor.shape_caption_prompt(**question)] * latents.shape[0]
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
@@ -573,6 +577,15 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         self.maybe_free_model_hooks()
         return processor.decode_captions(generated[:, prompt_length:])
+
+    def _offload_now(self, component) -> None:
+        """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
+        (`model_cpu_offload_seq`) offloads a component only when the *next* one in the sequence starts, which is
+        right for generation (model -> VAE) but would leave the VAE on the accelerator next to the model while a mesh
+        caption is generated (VAE -> model). A no-op without model offloading."""
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if getattr(hook, "model", None) is component:
+                hook.offload()
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
@@ -624,10 +637,14 @@ class CGMLLMPipeline(DiffusionPipeline):
         `trust_remote_code=True` for the files in the folder)."""
         path = Path(pretrained_model_name_or_path)
         try:
-            from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
-            from cgmllm.modeling_shape_vae import ShapeVAE
+            # Looked up by name, not with an import statement: diffusers scans a remote-code file's import lines and
+            # would tell users of the folder to `pip install cgmllm`, which they need not (and which is not even the
+            # distribution's name, `cg-mllm`).
+            cgmllm = importlib.import_module("cgmllm")
+            ShapeVAE = importlib.import_module("cgmllm.modeling_shape_vae").ShapeVAE
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
         if not (path / "model_index.json").is_file():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))

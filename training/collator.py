@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import check_finite_samples
+
 
 TASKS = ("text_to_shape", "image_to_shape", "shape_caption", "image_caption")
 GENERATION_TASKS = ("text_to_shape", "image_to_shape")
@@ -41,6 +43,10 @@ class CGMLLMDataCollator:
         max_tokens: token budget of a packed row; None puts one sample per (right-padded) row, unpacked.
         seed: base seed of the per-sample randomness.
         vae: optional frozen ShapeVAE for on-the-fly encoding.
+        return_uids: add `sample_uids` (the batch's sample ids, in order) to the batch. `CGMLLMTrainer` turns it on
+            to name the samples of a batch whose loss is not finite, and removes the key before the forward.
+
+    Latents that are not finite (read from the cache or encoded here) raise a `ValueError` naming the sample.
     """
 
     processor: object
@@ -52,6 +58,7 @@ class CGMLLMDataCollator:
     vae: object = None
     num_surface_points: int | None = None
     epoch: int = 0
+    return_uids: bool = False
 
     def __post_init__(self):
         unknown = set(self.task_weights) - set(TASKS)
@@ -80,15 +87,20 @@ class CGMLLMDataCollator:
                         f"Sample {example.get('uid')!r}: column {column!r} holds latents of shape "
                         f"{tuple(latents.shape)}, but this stage uses {n} shape tokens. Encode the data at N={n}."
                     )
+                check_finite_samples(latents[None], [example.get("uid")], f"The cached latents ({column!r})")
                 return latents
-        if self.vae is not None and (example.get("mesh") is not None or example.get("points") is not None):
+        if self.vae is not None and any(example.get(name) is not None
+                                        for name in ("mesh", "points", "surface", "surface_file")):
             from .data import example_surface
             from .preprocess import encode_latents
 
             config = self.vae.config
             points = self.num_surface_points or config.pc_size
-            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)
-            return encode_latents(self.vae, surface[None], n, seed=self.seed)[0]
+            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)[None]
+            check_finite_samples(surface, [example.get("uid")], "The surface points")
+            latents = encode_latents(self.vae, surface, n, seed=self.seed)
+            check_finite_samples(latents, [example.get("uid")], f"The ShapeVAE latents (N={n})")
+            return latents[0]
         if example.get("point_cloud") is not None:
             raise ValueError(
                 f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`, xyz + rgb: PointLLM's caption "
@@ -214,6 +226,8 @@ class CGMLLMDataCollator:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
             batch["image_grid_thw"] = torch.cat(grids)
+        if self.return_uids:
+            batch["sample_uids"] = [sample["uid"] for sample in samples]
         return batch
 
 

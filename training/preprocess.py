@@ -17,6 +17,7 @@ import os
 import torch
 from datasets import Array2D, Dataset, Features, Image, IterableDataset, List, Sequence, Value, load_from_disk
 
+from .checks import check_finite_samples
 from .data import LAYOUTS, PARAPHRASE_COLUMN, example_surface, load_caption_dataset
 
 
@@ -24,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 def load_shape_vae(path, torch_dtype=None):
-    """A ShapeVAE from a diffusers folder (`config.json`) or an official Hunyuan3D checkpoint / folder."""
+    """A ShapeVAE from a diffusers folder (`config.json`) or an official Hunyuan3D checkpoint / folder, loaded
+    strictly (a missing or unexpected weight raises, naming it)."""
     from cgmllm.modeling_shape_vae import ShapeVAE
+
+    from .checkpointing import from_pretrained_strict
 
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        vae = ShapeVAE.from_pretrained(path)
+        vae = from_pretrained_strict(ShapeVAE, path)  # a missing weight is an error, not a meta tensor
     else:
         vae = ShapeVAE.from_hunyuan3d(path)
     return vae.to(torch_dtype or torch.float32).eval().requires_grad_(False)
@@ -79,9 +83,14 @@ def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | Non
             example_surface(example, num_points, num_sharp_points, seed=seed + index)
             for example, index in zip(examples, indices)
         ])
+        # Nothing non-finite enters the cache: one NaN latent turns every weight NaN within a step or two.
+        uids = batch["uid"]
+        check_finite_samples(surfaces, uids, "The surface points")
         out = {name: batch[name] for name in text_columns}
         for n in sizes:
-            out[latent_column(n, sizes)] = encode_latents(vae, surfaces, n, seed=seed + indices[0]).numpy()
+            latents = encode_latents(vae, surfaces, n, seed=seed + indices[0])
+            check_finite_samples(latents, uids, f"The ShapeVAE latents (N={n})")
+            out[latent_column(n, sizes)] = latents.numpy()
         return out
 
     options = {} if isinstance(dataset, IterableDataset) else {"desc": "Encoding shapes"}
