@@ -294,3 +294,23 @@ def test_cap3d_duplicate_uids_and_na_captions_are_warned_about(tmp_path, caplog)
     assert ds["uid"] == ["u0", "u3"] and ds["caption"] == ["a box", "a crate"]
     assert "keeping each one's first row: u0" in caplog.text
     assert "Dropping 3 row(s) whose caption is empty, NA or nan: u1, u2, u4" in caplog.text
+
+
+def test_cgmllm_train_streams_a_t500k_folder(tmp_path):
+    # `data.streaming: true`: the stages read and encode the parquet rows lazily (an IterableDataset through Trainer).
+    from cgmllm.training.cli import train_main
+
+    write_t500k_folder(tmp_path / "t500k", rows_per_file=(3, 2))
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
+    model, results = train_main(["--config", str(config), "--set", f"data.path={tmp_path / 't500k'}",
+                                 "--set", "data.streaming=true", "--set", f"output_dir={tmp_path / 'run'}"])
+    assert [r["stage"] for r in results] == ["align", "progressive-4", "progressive-8"]
+    assert all(np.isfinite(r["train_loss"]) for r in results)
+    assert all(r["log_history"][-1]["step"] == 2 for r in results)
+
+
+def test_the_collator_names_a_pointllm_cloud_it_cannot_encode(tmp_path, processor):
+    write_pointllm_folder(tmp_path, ["a"], num_points=32)
+    example = load_caption_dataset(tmp_path)[0]
+    with pytest.raises(ValueError, match="'a' is a PointBERT cloud"):
+        CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})([example])
