@@ -105,3 +105,16 @@ def test_point_feature_errors_are_clear():
 def test_markers_are_the_block_edges():
     assert _input_ids()[0, 0] == OBJ_START and _input_ids()[0, ROWS + 1] == OBJ_END
     assert int((_input_ids() == OBJ_PAD).sum()) == ROWS
+
+
+@torch.no_grad()
+def test_beam_search_keeps_each_prompt_with_its_own_point_features():
+    model = _model()
+    features = torch.randn(2, ROWS, POINT_DIM, generator=torch.Generator().manual_seed(4))
+    ids = _input_ids().repeat(2, 1)
+    kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    both = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), point_features=features, **kwargs)
+    for b in range(2):
+        alone = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]),
+                               point_features=features[b], **kwargs)
+        assert both[b].tolist() == alone[0].tolist()
