@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -142,6 +143,23 @@ class CGMLLMTimestepEmbedder(nn.Module):
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = self.timestep_features(timesteps).to(self.mlp[0].weight.dtype)
         return self.mlp(features)
+
+
+class CGMLLMUnderstandingConnector(nn.Module):
+    """3D-understanding features (e.g. PointBERT's `(513, 1152)`) -> LLM rows: `fc2(gelu_tanh(fc1(x)))`.
+
+    The official `obj_und_connector` (key names `fc1` / `fc2`). No timestep embedding is added to its rows: they are
+    clean context, not noisy latents.
+    """
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_size)
+        self.act = ACT2FN["gelu_pytorch_tanh"]
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))
 
 
 class ExpertRouting:
@@ -450,6 +468,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         hidden_size = config.text_config.hidden_size
         self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
         self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
+        if config.point_feature_dim is not None:
+            self.obj_und_connector = CGMLLMUnderstandingConnector(config.point_feature_dim, hidden_size)
         self.rope_deltas = None
         self.post_init()
 
@@ -613,6 +633,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
@@ -651,6 +672,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
                 row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
                 noisy `x_t` at those times.
+            point_features: `(num_latent_rows, point_feature_dim)` (or `(B, rows, dim)`), 3D-understanding features
+                (PointBERT's, cls row first) for the `<|obj_pad|>` rows instead of `shape_latents`, the official
+                3D-captioning input: `obj_und_connector` only (no timestep embedding), a clean bidirectional block
+                through BlockAR with one rope id, the markers through TokenAR.
             shape_timesteps: `(num_latent_rows,)` flow time of every latent row, or one value `(1,)` shared by all
                 rows (a denoising step; its embedding is computed once). When omitted, the forward draws a
                 logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
@@ -714,9 +739,12 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             if shape_block_ids is None:
                 shape_block_ids = self.get_shape_block_ids(input_ids)
             shape_row_mask = input_ids == config.obj_pad_token_id
-        shape_out = self._embed_shape_rows(
-            shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
-        )
+        if point_features is not None:
+            shape_out = self._embed_point_rows(shape_row_mask, point_features, shape_latents)
+        else:
+            shape_out = self._embed_shape_rows(
+                shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
+            )
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
             inputs_embeds = inputs_embeds.masked_scatter(
@@ -790,11 +818,42 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             shape_row_mask=shape_row_mask,
-            shape_timesteps=shape_timesteps if shape_out is not None else None,
+            # Understanding rows (point features) are context only: no velocity is read from them.
+            shape_timesteps=shape_timesteps if shape_out is not None and point_features is None else None,
             velocity_target=velocity_target,
             flow_loss_mask=flow_loss_mask,
             position_ids=position_ids,
         )
+
+    def _embed_point_rows(self, shape_row_mask, point_features, shape_latents):
+        """`obj_und_connector(point_features)` for the `<|obj_pad|>` rows (clean context, t = 0, no timestep
+        embedding). Returns `(embeds (S, hidden), zeros (S,), None, None)` like `_embed_shape_rows`."""
+        if shape_latents is not None:
+            raise ValueError("Pass either `shape_latents` or `point_features` for the `<|obj_pad|>` rows, not both.")
+        connector = getattr(self, "obj_und_connector", None)
+        if connector is None:
+            raise ValueError(
+                "`point_features` were given but this model has no `obj_und_connector` (config.point_feature_dim is "
+                "None); caption meshes from ShapeVAE latents with `shape_latents` instead."
+            )
+        features = torch.as_tensor(point_features)
+        if features.ndim == 3:
+            features = features.reshape(-1, features.shape[-1])
+        width = self.config.point_feature_dim
+        if features.ndim != 2 or features.shape[-1] != width:
+            raise ValueError(
+                f"`point_features` must have shape (num_rows, {width}) (config.point_feature_dim), got "
+                f"{tuple(torch.as_tensor(point_features).shape)}."
+            )
+        num_rows = int(shape_row_mask.sum())
+        if features.shape[0] != num_rows:
+            raise ValueError(
+                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
+                f"({features.shape[0]})."
+            )
+        weight = connector.fc1.weight
+        embeds = connector(features.to(device=weight.device, dtype=weight.dtype))
+        return embeds, torch.zeros(num_rows, device=weight.device), None, None
 
     def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
                           generator):
@@ -915,6 +974,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
@@ -952,6 +1012,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             shape_latents=shape_latents,
+            point_features=point_features,
             shape_timesteps=shape_timesteps,
             shape_loss_mask=shape_loss_mask,
             shape_block_ids=shape_block_ids,
@@ -1011,7 +1072,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Text generation (captioning) through GenerationMixin
     # ----------------------------------------------------------------------------------------------------------------
-    _SHAPE_INPUTS = ("shape_latents", "shape_timesteps", "shape_loss_mask", "shape_block_ids", "packed_sample_ids")
+    _SHAPE_INPUTS = ("shape_latents", "point_features", "shape_timesteps", "shape_loss_mask", "shape_block_ids",
+                     "packed_sample_ids")
 
     def prepare_inputs_for_generation(
         self,
@@ -1092,6 +1154,12 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
                     value = torch.as_tensor(value).reshape(-1)
                     # A single value applies to every row and needs no copies.
                     flat[name] = value if value.numel() == 1 else repeat_chunks(value, rows_per_prompt, name)
+        point_features = model_kwargs.pop("point_features", None)
+        if point_features is not None:
+            point_features = torch.as_tensor(point_features)
+            point_features = point_features.reshape(-1, point_features.shape[-1])
+            rows_per_prompt = (input_ids == config.obj_pad_token_id).sum(-1).tolist()
+            flat["point_features"] = repeat_chunks(point_features, rows_per_prompt, "point_features")
 
         pixel_values = model_kwargs.pop("pixel_values", None)
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
@@ -1256,6 +1324,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "CGMLLMUnderstandingConnector",
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",
     "CGMLLMPreTrainedModel",
