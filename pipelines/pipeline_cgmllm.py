@@ -84,21 +84,40 @@ class CGMLLMPipelineOutput(BaseOutput):
         return self.meshes[0]
 
 
+def official_flow_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The official sampler's flow times, before the shift, for `num_inference_steps` Euler steps.
+
+    The official loop (`inference.py`, `--num_timesteps T`) takes `t = linspace(1, 0, T)`, shifts every value with
+    `s t / (1 + (s - 1) t)` and makes `T - 1` Euler steps `x <- x - v (t_i - t_{i+1})`, the last one ending at 0.
+    `FlowMatchEulerDiscreteScheduler.set_timesteps(num_inference_steps, sigmas=...)` applies the same shift
+    (`config.shift`) to the given values and appends the terminal 0, so passing `linspace(1, 0, S + 1)` without its
+    final 0 gives exactly that grid with `S = T - 1` steps.
+
+    Returns:
+        `(num_inference_steps,)` float64 array `1, ..., 1 / num_inference_steps`.
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+
+
 def _load_image(image, index: int):
-    """PIL image, path or HWC uint8 array -> RGB PIL image; anything unreadable raises a ValueError."""
+    """PIL image, path or HWC uint8 array -> PIL image in its own mode (an alpha channel is kept: the processor
+    decides how transparent pixels are handled); anything unreadable raises a ValueError."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
-                return opened.convert("RGB")
+                opened.load()
+                return opened.copy()
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"Could not read image {index} from {os.fspath(image)!r}: {error}") from error
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (3, 4):
         array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8)
-        return Image.fromarray(array[..., :3])
+        return Image.fromarray(array)
     raise ValueError(
         f"Image {index} must be a PIL image, a file path or an (H, W, 3) array, got {type(image).__name__}"
         + (f" of shape {image.shape}" if hasattr(image, "shape") else "")
@@ -115,10 +134,13 @@ class CGMLLMPipeline(DiffusionPipeline):
             3D latent rows, velocity head `llm2obj`).
         vae ([`ShapeVAE`]): the frozen 3D VAE (latents <-> field -> mesh).
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler sampler; sigma is the model's flow time
-            t (x_t = (1 - t) x0 + t eps, t = 1 pure noise). Shift 3.0 reproduces the official sampler.
+            t (x_t = (1 - t) x0 + t eps, t = 1 pure noise). With `shift=3.0` (the official value) and the default
+            grid of `__call__` ([`official_flow_sigmas`]) it walks exactly the official sampler's timesteps.
         processor ([`CGMLLMProcessor`]): tokenizer, image processor and the prompt formats.
     """
 
+    # Generation runs the model, then the VAE (decoding). Captioning a mesh runs them the other way round: `caption`
+    # hands the VAE back to the CPU itself before the model starts (see `_offload_now`).
     model_cpu_offload_seq = "model->vae"
     _callback_tensor_inputs = ["latents"]
 
@@ -268,7 +290,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         if do_classifier_free_guidance:
             negatives = negative_prompt if negative_prompt is not None else [None] * len(texts)
             texts = texts + [processor.text_to_shape_prompt(n) for n in negatives]
-        inputs = processor(text=texts, images=batch_images or None, padding_side="left").to(device)
+        inputs = processor(text=texts, images=batch_images or None, padding_side="left",
+                           image_to_shape=bool(batch_images)).to(device)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if input_ids.shape[1] == 0:  # every context empty: a one-token padding column keeps shapes valid
             pad = self.model.config.text_config.pad_token_id or 0
@@ -367,7 +390,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         image=None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int = 49,
         guidance_scale: float = 7.5,
         guidance_interval: tuple[float, float] | None = (0.4, 1.0),
         guidance_renorm: bool = True,
@@ -392,7 +415,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             prompt: text prompt(s) (text -> mesh).
             image: image(s) (PIL, path or `(H, W, 3)` array) (image -> mesh).
             negative_prompt: context of the unconditional branch; None = empty context (the official convention).
-            num_inference_steps: Euler steps per block.
+            num_inference_steps: Euler steps per block. `S` steps are the official sampler's `--num_timesteps S + 1`
+                (its `T` timesteps include the final t = 0, so it makes `T - 1` steps): the default 49 is the
+                official default of 50.
             guidance_scale: CFG scale `s`; `<= 1` disables guidance (and the unconditional branch).
             guidance_interval: `(low, high)`: CFG (and renorm) only when `low < t <= high` (official (0.4, 1.0]);
                 None = every step.
@@ -405,7 +430,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             num_meshes_per_prompt: objects per prompt / image.
             generator: `torch.Generator` (or one per object) for the initial noise.
             latents: initial noise `(B, N, C)` instead of drawing it.
-            sigmas: custom flow-time schedule passed to `scheduler.set_timesteps`.
+            sigmas: unshifted flow times, one per step, passed to `scheduler.set_timesteps` (which applies its shift
+                and appends the terminal 0). None = the official grid `linspace(1, 0, S + 1)[:-1]`
+                ([`official_flow_sigmas`]); pass e.g. the scheduler's own spacing explicitly to sample differently.
             output_type: `"trimesh"` (decode with the VAE) or `"latent"`.
             octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh`.
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
@@ -455,6 +482,8 @@ class CGMLLMPipeline(DiffusionPipeline):
 
         # 5. Blocks x timesteps.
         num_blocks = num_shape_tokens // shape_block_size
+        if sigmas is None:
+            sigmas = official_flow_sigmas(num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
@@ -564,6 +593,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             if not 1 <= num_shape_tokens <= self.max_shape_tokens:
                 raise ValueError(f"`num_shape_tokens` must be in [1, {self.max_shape_tokens}], got {num_shape_tokens}.")
             latents = self.encode_mesh(mesh, num_shape_tokens)
+            self._offload_now(self.vae)
             texts = [processor.shape_caption_prompt(**question)] * latents.shape[0]
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
@@ -574,6 +604,15 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         self.maybe_free_model_hooks()
         return processor.decode_captions(generated[:, prompt_length:])
+
+    def _offload_now(self, component) -> None:
+        """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
+        (`model_cpu_offload_seq`) offloads a component only when the *next* one in the sequence starts, which is
+        right for generation (model -> VAE) but would leave the VAE on the accelerator next to the model while a mesh
+        caption is generated (VAE -> model). A no-op without model offloading."""
+        for hook in getattr(self, "_all_hooks", None) or []:
+            if getattr(hook, "model", None) is component:
+                hook.offload()
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
@@ -649,4 +688,4 @@ class CGMLLMPipeline(DiffusionPipeline):
         return cls(**components)
 
 
-__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput"]
+__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput", "official_flow_sigmas"]

@@ -89,7 +89,8 @@ class CGMLLMDataCollator:
                     )
                 check_finite_samples(latents[None], [example.get("uid")], f"The cached latents ({column!r})")
                 return latents
-        if self.vae is not None and (example.get("mesh") is not None or example.get("points") is not None):
+        if self.vae is not None and any(example.get(name) is not None
+                                        for name in ("mesh", "points", "surface", "surface_file")):
             from .data import example_surface
             from .preprocess import encode_latents
 
@@ -100,6 +101,11 @@ class CGMLLMDataCollator:
             latents = encode_latents(self.vae, surface, n, seed=self.seed)
             check_finite_samples(latents, [example.get("uid")], f"The ShapeVAE latents (N={n})")
             return latents[0]
+        if example.get("point_cloud") is not None:
+            raise ValueError(
+                f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`, xyz + rgb: PointLLM's caption "
+                "set), not a shape the ShapeVAE encodes; it serves the PointBERT captioning path only."
+            )
         raise ValueError(
             f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "
             "its shape on the fly."

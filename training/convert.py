@@ -155,7 +155,7 @@ def _dtype(name):
 
 
 def build(qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None):
-    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, "qwen3_vl")
     layout = save_pipeline_folder(out, model, processor, vae)
     return model, processor, vae, layout
 
@@ -164,7 +164,8 @@ def convert_official(ema, qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096
     from safetensors.torch import load_file
 
     official = load_file(os.fspath(ema))
-    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
+    # The released weights saw the official image preprocessing (resize rule, JPEG round trip for image -> 3D).
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, "official")
     ids = processor.special_token_ids
     state, summary = convert_official_state_dict(official, model, ids["obj_start_token_id"],
                                                  ids["obj_end_token_id"], ids["obj_pad_token_id"])
@@ -177,11 +178,12 @@ def convert_official(ema, qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096
     return model, summary
 
 
-def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype):
+def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, image_preprocessing):
     from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
     from cgmllm.modeling_shape_vae import ShapeVAE
 
-    processor = CGMLLMProcessor.from_qwen3_vl(qwen3_vl, num_shape_tokens=num_shape_tokens)
+    processor = CGMLLMProcessor.from_qwen3_vl(qwen3_vl, num_shape_tokens=num_shape_tokens,
+                                              image_preprocessing=image_preprocessing)
     vae = ShapeVAE.from_hunyuan3d(shape_vae, torch_dtype=torch_dtype)
     model = CGMLLMForConditionalGeneration.from_qwen3_vl(
         qwen3_vl, torch_dtype=torch_dtype, num_shape_tokens=num_shape_tokens,
