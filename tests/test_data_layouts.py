@@ -229,6 +229,8 @@ def test_pointllm_clouds_are_normalised_for_pointbert(tmp_path):
     np.testing.assert_array_equal(np.asarray(rows[0]["point_cloud"]), cloud)
     with pytest.raises(ValueError, match="PointBERT cloud"):
         example_surface(ds[0], 16)
+    with pytest.raises(ValueError, match="PointBERT clouds .* nothing to encode"):
+        encode_dataset(ds, tiny_vae(), 4)
 
 
 def test_pointllm_missing_cloud_is_named(tmp_path, caplog):
@@ -263,11 +265,17 @@ def test_cap3d_point_clouds_are_array2d_and_num_proc_gives_the_same_rows(tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
-def test_meshfolder_streams_through_the_builder(tmp_path):
+def test_meshfolder_and_parquet_stream(tmp_path):
     folder = write_mesh_folder(tmp_path / "m", names=["box", "ball", "cone"])
     stream = load_caption_dataset(folder, streaming=True)
     assert isinstance(stream, IterableDataset) and not isinstance(stream, Dataset)
     assert [row["uid"] for row in stream] == load_caption_dataset(folder)["uid"]
+
+    frame = pd.DataFrame({"caption": ["a box", "a cone", ""],
+                          "mesh": [primitive_mesh(name).export(file_type="glb") for name in ("box", "cone", "ball")]})
+    frame.to_parquet(tmp_path / "meshes.parquet", index=False)
+    rows = list(load_caption_dataset(tmp_path / "meshes.parquet", streaming=True, skip_bad_samples=True))
+    assert [row["uid"] for row in rows] == ["0", "1"] and rows[1]["mesh"]["bytes"][:4] == b"glTF"
 
 
 # 5. Issue 18 item 8: nothing dropped without a word ---------------------------------------------------------------------
@@ -314,3 +322,19 @@ def test_the_collator_names_a_pointllm_cloud_it_cannot_encode(tmp_path, processo
     example = load_caption_dataset(tmp_path)[0]
     with pytest.raises(ValueError, match="'a' is a PointBERT cloud"):
         CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})([example])
+
+
+def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path):
+    # Rows are cached by `datasets`; the shape files' sizes and times are part of the cache key.
+    (tmp_path / "shapes").mkdir()
+    np.save(tmp_path / "shapes" / "u0.npy", np.zeros((5, 6), np.float32))
+    (tmp_path / "captions.csv").write_text("u0,a cloud\n")
+    assert load_caption_dataset(tmp_path).with_format("numpy")[0]["points"].sum() == 0
+    np.save(tmp_path / "shapes" / "u0.npy", np.ones((7, 6), np.float32))
+    assert load_caption_dataset(tmp_path).with_format("numpy")[0]["points"].shape == (7, 6)
+
+    clouds = write_pointllm_folder(tmp_path / "p", ["a"], num_points=16)
+    first = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
+    np.save(tmp_path / "p" / "8192_npy" / "a_8192.npy", clouds["a"][::-1].copy())
+    again = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
+    np.testing.assert_allclose(again, first[::-1], atol=1e-6)
