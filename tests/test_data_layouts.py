@@ -317,11 +317,60 @@ def test_cgmllm_train_streams_a_t500k_folder(tmp_path):
     assert all(r["log_history"][-1]["step"] == 2 for r in results)
 
 
-def test_the_collator_names_a_pointllm_cloud_it_cannot_encode(tmp_path, processor):
-    write_pointllm_folder(tmp_path, ["a"], num_points=32)
-    example = load_caption_dataset(tmp_path)[0]
-    with pytest.raises(ValueError, match="'a' is a PointBERT cloud"):
-        CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})([example])
+def _tiny_point_encoder():
+    import torch
+
+    from cgmllm import PointBERTConfig, PointBERTEncoder
+
+    torch.manual_seed(0)
+    config = PointBERTConfig(trans_dim=16, depth=1, num_heads=2, group_size=4, num_group=8, encoder_dims=12)
+    return PointBERTEncoder(config).eval().requires_grad_(False)
+
+
+def test_pointllm_clouds_reach_the_model_as_point_features(tmp_path, processor):
+    import torch
+    import torch.nn.functional as F
+
+    from cgmllm import CGMLLMForConditionalGeneration
+    from cgmllm.training.testing import tiny_model_config
+
+    write_pointllm_folder(tmp_path, ["a", "b"], num_points=64)
+    ds = load_caption_dataset(tmp_path)
+    with pytest.raises(ValueError, match="'a' is a PointBERT cloud.*point_encoder="):
+        CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})(list(ds))
+
+    encoder = _tiny_point_encoder()
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0, "text_to_shape": 1.0},
+                                  point_encoder=encoder)
+    batch = collator(list(ds))  # text -> 3D needs latents: a cloud is only ever captioned
+    assert "shape_latents" not in batch and batch["point_features"].shape == (2 * 9, 16)
+    pad = processor.special_token_ids["obj_pad_token_id"]
+    assert (batch["input_ids"] == pad).sum(1).tolist() == [9, 9]  # 1 + num_group rows per block, not N = 4
+    clouds = torch.as_tensor(np.stack(ds.with_format("numpy")["point_cloud"]))
+    torch.testing.assert_close(batch["point_features"], encoder(clouds).reshape(18, 16))
+    question = processor.tokenizer("Summarize this object.", add_special_tokens=False)["input_ids"]
+    row = batch["input_ids"][0].tolist()
+    assert any(row[i:i + len(question)] == question for i in range(len(row)))
+    caption = processor.tokenizer("A model of object 1.", add_special_tokens=False)["input_ids"]
+    assert [t for t in batch["labels"][1].tolist() if t != -100][:len(caption)] == caption
+
+    config = tiny_model_config(processor)
+    config.point_feature_dim = 16
+    model = CGMLLMForConditionalGeneration(config)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.obj_und_connector.fc1.weight.grad.abs().sum() > 0
+
+
+def test_a_batch_cannot_mix_clouds_and_shapes(tmp_path, processor):
+    write_pointllm_folder(tmp_path / "p", ["a"], num_points=64)
+    cloud = load_caption_dataset(tmp_path / "p")[0]
+    shape = {"uid": "s", "caption": "a box", "latents": np.zeros((4, 8), np.float32)}
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0}, point_encoder=_tiny_point_encoder())
+    with pytest.raises(ValueError, match="mixes PointBERT clouds \\('a'\\) with ShapeVAE shapes"):
+        collator([shape, cloud])
 
 
 def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path):
