@@ -6,7 +6,7 @@
 
 Without `--data` the held-out split is rebuilt in memory from its specs (the recipe's default sizes and seed).
 
-Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world_eval`):
+Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world.evaluation`):
 * ShapeVAE reconstruction: volume IoU, Chamfer distance and family accuracy of encode -> decode, on all / novel /
   seen rows: the accuracy a generator would reach by reproducing the ground truth's own latents, so the cap of the
   text -> 3D family rows (with `--vae FOLDER`, for that ShapeVAE, e.g. a `train_vae` output, and nothing else);
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from cgmllm.cli import default_model_dir
     from cgmllm.modeling_shape_vae import ShapeVAE
     from cgmllm.training.tiny_world import load_tiny_world
-    from cgmllm.training.tiny_world_eval import (
+    from cgmllm.training.tiny_world.evaluation import (
         family_accuracy_by_prompt,
         heldout_rows,
         image_to_caption,

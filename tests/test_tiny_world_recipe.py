@@ -7,7 +7,7 @@ import yaml
 
 from cgmllm import cli
 from cgmllm.pipelines import CGMLLMPipeline
-from cgmllm.training import tiny_world_recipe
+from cgmllm.training.tiny_world import recipe as tiny_world_recipe
 from cgmllm.training.cli import load_config
 
 

@@ -174,6 +174,11 @@ def test_a_kill_mid_save_leaves_the_previous_checkpoint_usable(tmp_path, process
     assert (tmp_path / "checkpoint-6" / EMA_WEIGHTS_NAME).is_file()
 
 
+def test_checkpoint_rotation_still_applies(tmp_path, processor, cache):
+    _trainer(tmp_path, processor, cache, max_steps=4, save_steps=1, save_total_limit=2).train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4", EMA_WEIGHTS_NAME]
+
+
 # 3. cgmllm-train --resume ---------------------------------------------------------------------------------------------
 class Killed(Exception):
     pass

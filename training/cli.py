@@ -261,6 +261,10 @@ def _resume_plan(config: dict, resume) -> tuple[int, str | None]:
                 "; starting again would overwrite them. Pass `--resume` to continue that run, or choose another "
                 "`output_dir` (or delete it)."
             )
+        finished = [os.path.join(d, "final") for d in stage_dirs if os.path.isdir(os.path.join(d, "final"))]
+        if finished:
+            logger.warning("Replacing the finished stage folder(s) %s of an earlier run (pass --resume to keep them "
+                           "and continue instead).", finished)
         return 0, None
     if resume is True:
         for index, stage_dir in enumerate(stage_dirs):

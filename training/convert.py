@@ -4,6 +4,10 @@
         a fresh CG-MLLM from Qwen3-VL (BlockAR copied from TokenAR, new connector, zero velocity head), its processor
         and the Hunyuan3D-2.1 ShapeVAE, written as a pipeline folder.
 
+    cgmllm-build --refresh-remote-code DIR [--check]
+        rewrite the remote-code copies (`*.py`, `auto_map`) of a saved pipeline folder from the installed package
+        (`remote_code.refresh_remote_code`), e.g. after changing a model file, for the shipped checkpoints/tiny-world.
+
     cgmllm-convert-official --ema ema.safetensors --qwen3-vl QWEN_DIR --shape-vae VAE --out DIR
         the released `JreamH/CGMLLM` weights renamed into this package's layout (official_cgmllm.md §1.5):
 
@@ -186,19 +190,47 @@ def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype):
     return model, processor, vae
 
 
-def _common_args(parser):
-    parser.add_argument("--qwen3-vl", required=True, help="local Qwen3-VL folder (weights, tokenizer, processor)")
-    parser.add_argument("--shape-vae", required=True, help="Hunyuan3D-2.1 VAE checkpoint or folder")
-    parser.add_argument("--out", required=True)
+def _common_args(parser, required=True):
+    parser.add_argument("--qwen3-vl", required=required, help="local Qwen3-VL folder (weights, tokenizer, processor)")
+    parser.add_argument("--shape-vae", required=required, help="Hunyuan3D-2.1 VAE checkpoint or folder")
+    parser.add_argument("--out", required=required)
     parser.add_argument("--num-shape-tokens", type=int, default=4096)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
-def build_main(argv=None):
+def _build_parser():
     parser = argparse.ArgumentParser(prog="cgmllm-build", description="Build a CG-MLLM pipeline folder from Qwen3-VL.")
-    _common_args(parser)
+    _common_args(parser, required=False)
+    parser.add_argument("--refresh-remote-code", metavar="PIPELINE_DIR",
+                        help="instead of building: rewrite the code files (and auto_map entries) of a saved pipeline "
+                             "folder from the installed package")
+    parser.add_argument("--check", action="store_true",
+                        help="with --refresh-remote-code: only list the stale files (exit status 1 if any)")
+    return parser
+
+
+def build_main(argv=None):
+    parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.refresh_remote_code is None:
+        missing = [flag for flag, value in (("--qwen3-vl", args.qwen3_vl), ("--shape-vae", args.shape_vae),
+                                            ("--out", args.out)) if value is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} "
+                         "(or --refresh-remote-code PIPELINE_DIR)")
+    elif args.qwen3_vl or args.shape_vae or args.out:
+        parser.error("--refresh-remote-code takes only a pipeline folder (and --check), not --qwen3-vl / "
+                     "--shape-vae / --out")
     logging.basicConfig(level=logging.INFO)
+    if args.refresh_remote_code is not None:
+        from .remote_code import refresh_remote_code
+
+        stale = refresh_remote_code(args.refresh_remote_code, check=args.check)
+        if args.check and stale:
+            parser.exit(1, "".join(f"stale: {name}\n" for name in stale)
+                        + f"Fix: cgmllm-build --refresh-remote-code {args.refresh_remote_code}\n")
+        print("\n".join(f"rewrote: {name}" for name in stale) or f"{args.refresh_remote_code}: remote code up to date")
+        return stale
     return build(args.qwen3_vl, args.shape_vae, args.out, args.num_shape_tokens, _dtype(args.dtype))
 
 
@@ -214,7 +246,8 @@ def convert_main(argv=None):
 
 
 def build_script(argv=None) -> int:
-    """The `cgmllm-build` console script (exit status 0; `build_main` returns the built objects)."""
+    """The `cgmllm-build` console script (exit status 0; `build_main` returns the built objects, or the stale files
+    of `--refresh-remote-code`, and exits 1 itself for `--check` on a stale folder)."""
     build_main(argv)
     return 0
 

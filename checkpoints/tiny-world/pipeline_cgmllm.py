@@ -9,6 +9,7 @@ Data flow (B objects, N latent rows of C channels, blocks of K rows, S steps):
                            for t in scheduler.timesteps:                  S Euler steps
                                model(block j, x_t, t, cache read-only) ─▶ v (2B, K, C)  [cond ∥ uncond in one call]
                                CFG (t in the interval) + renorm ─▶ scheduler.step
+                               (t outside the interval: the B conditional rows only ─▶ v (B, K, C))
                            model(block j, x_0, t = 0, update_cache)       clean copy appended to the cache (K < N)
     latents ─ vae.latents_to_mesh ─▶ list[trimesh.Trimesh]
 
@@ -330,10 +331,20 @@ class CGMLLMPipeline(DiffusionPipeline):
             update_cache=update_cache,
             shape_block_ids=torch.zeros_like(block_ids),
             shape_latents=latents.reshape(-1, latents.shape[-1]),
-            shape_timesteps=torch.full((latents.shape[0] * latents.shape[1],), float(sigma), device=latents.device),
+            shape_timesteps=torch.full((1,), float(sigma), device=latents.device),  # one t: embedded once
             logits_to_keep=1,
         )
         return out.velocity.view(rows, -1, latents.shape[-1])
+
+    @staticmethod
+    def _conditional_rows(context: dict[str, Any], batch_size: int) -> dict[str, Any]:
+        """The first `batch_size` rows (the conditional branch) of a prefilled `[cond ; uncond]` context: steps
+        outside the guidance interval run only these rows instead of computing the unconditional ones and discarding
+        them. The KV cache is copied once per block (its rows are not contiguous per layer otherwise)."""
+        cache = context["cache"]
+        rows = type(cache)(ddp_cache_data=[(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers])
+        return {"cache": rows, "attention_mask": context["attention_mask"][:batch_size],
+                "rope_start": context["rope_start"][:batch_size]}
 
     @staticmethod
     def apply_guidance(v_cond, v_uncond, guidance_scale: float, renorm: bool):
@@ -455,18 +466,21 @@ class CGMLLMPipeline(DiffusionPipeline):
                 x = latents[:, j * shape_block_size : (j + 1) * shape_block_size]
                 # The scheduler keeps a step index: restart it for every block.
                 self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+                cond_context = None  # the conditional rows alone, built at the first step outside the interval
                 for i, t in enumerate(timesteps):
                     if self.interrupt:
                         continue
                     sigma = self.scheduler.sigmas[i]
-                    velocity = self._block_forward(
-                        context, block_ids, x.repeat(branches, 1, 1), sigma, j, update_cache=False
-                    )
                     if self.do_classifier_free_guidance and low < float(sigma) <= high:
+                        velocity = self._block_forward(context, block_ids, x.repeat(2, 1, 1), sigma, j, False)
                         v_cond, v_uncond = velocity.chunk(2)
                         velocity = self.apply_guidance(v_cond, v_uncond, guidance_scale, guidance_renorm)
-                    else:
-                        velocity = velocity[:batch_size]
+                    elif branches == 1:
+                        velocity = self._block_forward(context, block_ids, x, sigma, j, False)
+                    else:  # no guidance at this t: the unconditional branch would be discarded, so skip it
+                        if cond_context is None:
+                            cond_context = self._conditional_rows(context, batch_size)
+                        velocity = self._block_forward(cond_context, block_ids[:batch_size], x, sigma, j, False)
                     x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
 
                     if callback_on_step_end is not None:

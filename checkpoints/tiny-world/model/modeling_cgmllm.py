@@ -38,7 +38,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.utils import ModelOutput, logging
 
 from .configuration_cgmllm import CGMLLMConfig
-from .masking_cgmllm import check_attention_implementation, create_hybrid_attention_mask
+from .masking_cgmllm import (
+    check_attention_implementation,
+    create_hybrid_attention_mask,
+    packed_sample_ids_from_position_ids,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -393,6 +397,21 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         )
 
 
+def _sample_start_values(
+    values: torch.LongTensor, sample_ids: torch.LongTensor | None, keep: torch.Tensor | None
+) -> torch.LongTensor:
+    """`(batch, seq_len)` -> `(batch, seq_len)`: each token gets `values` at the first (unpadded) token of its sample."""
+    batch_size, seq_len = values.shape
+    columns = torch.arange(seq_len, device=values.device).expand(batch_size, -1)
+    if sample_ids is None:
+        first = keep.long().argmax(-1, keepdim=True) if keep is not None else columns[:, :1]
+        return values.gather(1, first).expand(-1, seq_len)
+    is_start = torch.ones_like(sample_ids, dtype=torch.bool)
+    is_start[:, 1:] = sample_ids[:, 1:] != sample_ids[:, :-1]
+    start_column = torch.where(is_start, columns, torch.zeros_like(columns)).cummax(-1).values
+    return values.gather(1, start_column)
+
+
 class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
     """Qwen3-VL vision tower + MoT text decoder + the 3D connector (`obj2llm`) and timestep embedder.
 
@@ -540,19 +559,25 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             input_ids: `(batch, seq_len)`; every latent row is an `<|obj_pad|>` token inside an
                 `<|obj_start|> ... <|obj_end|>` span.
             attention_mask: `(batch, cached + seq_len)` 2D padding mask.
-            position_ids: `(3, batch, seq_len)` or `(4, batch, seq_len)` (row 0 = text positions, ignored); computed
-                with [`~CGMLLMModel.get_rope_index`] when omitted.
+            position_ids: the mRoPE ids `(3, batch, seq_len)`, or `(4, batch, seq_len)` with the text positions in
+                row 0 (what `generate` passes), or text positions only `(batch, seq_len)`. Computed with
+                [`~CGMLLMModel.get_rope_index`] when omitted. Text positions that restart inside a row without
+                padding or cache mark padding-free packed samples (`DataCollatorWithFlattening`), exactly like
+                `packed_sample_ids`; with 2D ids, rows holding images or 3D blocks still get their mRoPE ids, computed
+                per sample and starting at the sample's first text position.
             shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
                 row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
                 noisy `x_t` at those times.
-            shape_timesteps: `(num_latent_rows,)` flow time of every latent row. When omitted, the forward draws a
+            shape_timesteps: `(num_latent_rows,)` flow time of every latent row, or one value `(1,)` shared by all
+                rows (a denoising step; its embedding is computed once). When omitted, the forward draws a
                 logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
                 target `eps - x0`) and uses `t = 0` (clean, no loss) for the others.
             shape_loss_mask: `(num_latent_rows,)` bool, which rows are generation targets when timesteps are drawn
                 (default: all).
             shape_block_ids: `(batch, seq_len)` block id per token (-1 outside blocks); derived from the markers
                 when omitted. Needed only for layouts with several blocks per object.
-            packed_sample_ids: `(batch, seq_len)` id of the packed sample each token belongs to.
+            packed_sample_ids: `(batch, seq_len)` id of the packed sample each token belongs to (derived from restarting
+                text `position_ids` when omitted).
             update_cache: False leaves `past_key_values` untouched (the denoising steps read the prompt cache).
             generator: optional generator for the drawn timesteps and noise.
         """
@@ -607,21 +632,37 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             velocity_target = flow_loss_mask = None
             noisy_shape_mask = torch.zeros_like(shape_row_mask)
 
-        # 2. Positions: one id per 3D block, Qwen3-VL grids for images.
-        if position_ids is None:
-            if past_length == 0 or self.rope_deltas is None:
-                keep = attention_mask[:, past_length:] if attention_mask is not None else None
-                position_ids, self.rope_deltas = self.get_rope_index(
-                    input_ids, image_grid_thw, keep, shape_block_ids, noisy_shape_mask, packed_sample_ids
-                )
-            else:
-                # Continuing a cached sequence without explicit positions: plain text after the cache.
-                steps = torch.arange(past_length, past_length + seq_len, device=input_ids.device)
-                position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
-        elif position_ids.ndim == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-        elif position_ids.shape[0] == 4:
-            position_ids = position_ids[1:]
+        # 2. Packed samples and positions: one id per 3D block, Qwen3-VL grids for images.
+        # 2D position ids (and row 0 of 4-row ones) are text positions: in a padding-free packed row
+        # (`DataCollatorWithFlattening`) they restart for every sample, which is what separates the samples.
+        text_position_ids = None
+        if position_ids is not None and position_ids.ndim == 2:
+            text_position_ids = position_ids.expand(batch_size, -1)
+        elif position_ids is not None and position_ids.shape[0] == 4:
+            text_position_ids = position_ids[0]
+        if packed_sample_ids is None:
+            packed_sample_ids = packed_sample_ids_from_position_ids(text_position_ids, attention_mask, past_length)
+        has_multimodal_rows = num_image_tokens > 0 or bool((shape_block_ids >= 0).any())
+        if position_ids is not None and position_ids.ndim == 3:
+            position_ids = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+        elif position_ids is not None and (past_length > 0 or not has_multimodal_rows):
+            # Text positions: the same id on the three mRoPE axes (what Qwen3-VL does with 2D ids).
+            position_ids = text_position_ids.unsqueeze(0).expand(3, -1, -1)
+        elif past_length == 0 or self.rope_deltas is None:
+            keep = attention_mask[:, past_length:] if attention_mask is not None else None
+            rope, deltas = self.get_rope_index(
+                input_ids, image_grid_thw, keep, shape_block_ids, noisy_shape_mask, packed_sample_ids
+            )
+            if text_position_ids is not None:
+                # 2D text positions cannot express image grids or shared block ids: the mRoPE ids are computed per
+                # sample and start where the sample's text positions start.
+                offset = _sample_start_values(text_position_ids, packed_sample_ids, keep)
+                rope, deltas = rope + offset, deltas + offset[:, -1:]
+            position_ids, self.rope_deltas = rope, deltas
+        else:
+            # Continuing a cached sequence without explicit positions: plain text after the cache.
+            steps = torch.arange(past_length, past_length + seq_len, device=input_ids.device)
+            position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
 
         # 3. The hybrid mask and the MoT decoder.
         mask = create_hybrid_attention_mask(
@@ -688,9 +729,12 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         device = self.obj2llm.weight.device
         x = shape_latents.to(device=device, dtype=torch.float32)
         velocity_target = flow_loss_mask = None
+        time_embeds = None
         if shape_timesteps is not None:
             timesteps = torch.as_tensor(shape_timesteps, dtype=torch.float32, device=device).reshape(-1)
             if timesteps.numel() == 1:
+                # One flow time for every row (a denoising step): embed it once, not once per row.
+                time_embeds = self.time_embedder(timesteps)
                 timesteps = timesteps.expand(num_rows)
             if timesteps.shape[0] != num_rows:
                 raise ValueError(
@@ -721,7 +765,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             velocity_target = noise - x
             x = (1 - timesteps[:, None]) * x + timesteps[:, None] * noise
         dtype = self.obj2llm.weight.dtype
-        embeds = self.obj2llm(x.to(dtype)) + self.time_embedder(timesteps)
+        embeds = self.obj2llm(x.to(dtype)) + (self.time_embedder(timesteps) if time_embeds is None else time_embeds)
         return embeds, timesteps, velocity_target, flow_loss_mask
 
     @staticmethod

@@ -1,6 +1,6 @@
 """One command from nothing to a CG-MLLM pipeline folder trained on the tiny world, on a CPU:
 
-    python -m cgmllm.training.tiny_world_recipe --out runs/tiny-world [--config tiny_world.yaml --set KEY=VALUE ...]
+    python -m cgmllm.training.tiny_world.recipe --out runs/tiny-world [--config tiny_world.yaml --set KEY=VALUE ...]
 
 1. build the tiny world (`build_tiny_world_dataset`, with a rendered view per sample unless `--no-images`) into
    `OUT/data`;
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny_world.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_world.yaml"
 
 
 TINY_WORLD_USAGE = """```python
@@ -50,7 +50,7 @@ TASK_NAMES = {"text_to_shape": "text -> 3D", "image_to_shape": "image -> 3D", "s
 
 def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") -> Path:
     """`folder/README.md`: the model card of a tiny-world pipeline, with the recipe's phases and losses."""
-    from .hub import render_model_card
+    from ..hub import render_model_card
 
     folder = Path(folder)
     timings = summary["timings"]
@@ -59,7 +59,7 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     text_config = json.loads((folder / "model" / "config.json").read_text())["text_config"]
     lines = [
-        "Trained on 2 CPU cores by one command, `python -m cgmllm.training.tiny_world_recipe --out DIR` "
+        "Trained on 2 CPU cores by one command, `python -m cgmllm.training.tiny_world.recipe --out DIR` "
         "(config `cgmllm/training/configs/tiny_world.yaml`), from nothing: the procedural tiny-world data set, a "
         f"ShapeVAE ({vae_config['num_latents']} latents x {vae_config['embed_dim']} channels), then a tiny CG-MLLM "
         f"(hidden {text_config['hidden_size']}, {text_config['num_hidden_layers']} MoT layers, BBPE tokenizer trained "
@@ -103,12 +103,12 @@ def run_recipe(args) -> dict:
     from cgmllm.modeling_shape_vae import ShapeVAE
     from cgmllm.pipelines import CGMLLMPipeline
 
-    from .cli import load_config, run_stages
-    from .collator import IMAGE_TASKS
-    from .data import load_caption_dataset
-    from .preprocess import encode_dataset
-    from .tiny_world import build_tiny_world_dataset
-    from .train_vae import main as train_vae_main
+    from ..cli import load_config, run_stages
+    from ..collator import IMAGE_TASKS
+    from ..data import load_caption_dataset
+    from ..preprocess import encode_dataset
+    from .dataset import build_tiny_world_dataset
+    from ..train_vae import main as train_vae_main
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +186,8 @@ def run_recipe(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Tiny world: dataset -> ShapeVAE -> latents -> CG-MLLM stages -> "
+    parser = argparse.ArgumentParser(prog="python -m cgmllm.training.tiny_world.recipe",
+                                     description="Tiny world: dataset -> ShapeVAE -> latents -> CG-MLLM stages -> "
                                      "pipeline folder, on a CPU.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="cgmllm-train YAML of the CG-MLLM stages")

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import trimesh
 
-from ..mesh_utils import normalize_mesh, occupancy
-from ..rendering import render_mesh
-from .tiny_world import (
+from ...mesh_utils import normalize_mesh, occupancy
+from ...rendering import render_mesh
+from . import (
     DATASET_VIEW,
     FAMILIES,
     classify_family,
