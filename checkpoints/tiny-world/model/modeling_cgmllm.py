@@ -1301,7 +1301,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(qwen_state, strict=False)
         if unexpected:
             raise ValueError(f"Qwen3-VL weights with no place in CG-MLLM: {sorted(unexpected)[:10]} ...")
-        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "llm2obj.")
+        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "model.obj_und_connector.", "llm2obj.")
         not_loaded = [
             k for k in missing if "_block_ar" not in k and not k.startswith(fresh_prefixes) and k != "lm_head.weight"
         ]
