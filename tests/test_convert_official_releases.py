@@ -6,9 +6,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
-from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor, PointBERTConfig, PointBERTEncoder
+from cgmllm import CGMLLMForConditionalGeneration, PointBERTConfig, PointBERTEncoder
 from cgmllm.pipelines import CGMLLMPipeline
 from cgmllm.tokenization_cgmllm import QWEN_SPECIAL_TOKENS
 from cgmllm.training.convert import convert_main
