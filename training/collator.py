@@ -43,6 +43,10 @@ class CGMLLMDataCollator:
         max_tokens: token budget of a packed row; None puts one sample per (right-padded) row, unpacked.
         seed: base seed of the per-sample randomness.
         vae: optional frozen ShapeVAE for on-the-fly encoding.
+        point_encoder: a frozen [`PointBERTEncoder`] for examples with a `point_cloud` (PointLLM's caption set, xyz +
+            rgb, already normalised by the loader). Such an example does 3D captioning only, asked its own `question`,
+            and its block holds the encoder's `1 + num_group` feature rows: the batch carries `point_features` for the
+            model's `obj_und_connector` instead of `shape_latents` (one kind per batch: the model takes one).
         return_uids: add `sample_uids` (the batch's sample ids, in order) to the batch. `CGMLLMTrainer` turns it on
             to name the samples of a batch whose loss is not finite, and removes the key before the forward.
         shape_block_size: the model's `config.shape_block_size`. When it is smaller than `num_shape_tokens`, the
@@ -63,6 +67,7 @@ class CGMLLMDataCollator:
     num_surface_points: int | None = None
     epoch: int = 0
     return_uids: bool = False
+    point_encoder: object = None
     shape_block_size: int | None = None
 
     def __post_init__(self):
@@ -100,7 +105,8 @@ class CGMLLMDataCollator:
                     )
                 check_finite_samples(latents[None], [example.get("uid")], f"The cached latents ({column!r})")
                 return latents
-        if self.vae is not None and (example.get("mesh") is not None or example.get("points") is not None):
+        if self.vae is not None and any(example.get(name) is not None
+                                        for name in ("mesh", "points", "surface", "surface_file")):
             from .data import example_surface
             from .preprocess import encode_latents
 
@@ -121,12 +127,28 @@ class CGMLLMDataCollator:
         has_caption = isinstance(caption, str) and bool(caption.strip())
         tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or t not in IMAGE_TASKS)
                  and (has_caption or t not in CAPTION_TASKS)]
+        if example.get("point_cloud") is not None:  # a PointBERT cloud is captioned, never generated
+            tasks = [t for t in tasks if t == "shape_caption"]
         if not tasks:
             lacks = " and no ".join(what for what, present in (("image", has_image), ("caption", has_caption))
                                     if not present)
             raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}: it "
                              f"has no {lacks}.")
         return rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
+
+    def _point_features(self, example) -> torch.Tensor:
+        """`(1 + num_group, trans_dim)` PointBERT features of the example's `point_cloud`."""
+        if self.point_encoder is None:
+            raise ValueError(
+                f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`: PointLLM's caption set, xyz + "
+                "rgb), not a shape the ShapeVAE encodes: pass `point_encoder=` (a frozen `cgmllm.PointBERTEncoder`)."
+            )
+        encoder = self.point_encoder
+        cloud = torch.as_tensor(np.asarray(example["point_cloud"], dtype=np.float32))[None]
+        with torch.no_grad():
+            features = encoder(cloud.to(encoder.device)).float().cpu()
+        check_finite_samples(features, [example.get("uid")], "The PointBERT features")
+        return features[0]
 
     @staticmethod
     def _image(example, rng):
@@ -153,22 +175,28 @@ class CGMLLMDataCollator:
             prompt = ("" if drop else processor.image_to_shape_prompt()) + "<shape>"
             images = None if drop else [self._image(example, rng)]
         elif task == "shape_caption":
-            prompt, target = processor.shape_caption_prompt(), processor.caption_target(caption)
+            question = example.get("question")  # PointLLM asks each object its own question
+            prompt = processor.shape_caption_prompt(question) if question else processor.shape_caption_prompt()
+            target = processor.caption_target(caption)
         else:
             prompt, target = processor.image_caption_prompt(), processor.caption_target(caption)
             images = [self._image(example, rng)]
         has_shape = "<shape>" in prompt
+        point_features = None
+        if has_shape and example.get("point_cloud") is not None:
+            point_features = self._point_features(example)
+        num_rows = self.num_shape_tokens if point_features is None else point_features.shape[0]
         blockwise = (task in GENERATION_TASKS and self.shape_block_size is not None
                      and self.shape_block_size < self.num_shape_tokens)
         if blockwise:  # the generated object closes the prompt: its block-wise layout replaces `<shape>`
             prompt = prompt[: -len("<shape>")]
-        encoded = processor(text=prompt, images=images, num_shape_tokens=self.num_shape_tokens, padding=False)
+        encoded = processor(text=prompt, images=images, num_shape_tokens=num_rows, padding=False)
         input_ids = encoded["input_ids"][0].tolist()
         labels = [-100] * len(input_ids)
         if target is not None:
             target_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
             input_ids, labels = input_ids + target_ids, labels + target_ids
-        latents = self._latents(example) if has_shape else None
+        latents = self._latents(example) if has_shape and point_features is None else None
         loss_mask, block_ids = task in GENERATION_TASKS, None
         if blockwise:
             layout = processor.blockwise_shape_layout(self.num_shape_tokens, self.shape_block_size)
@@ -182,6 +210,7 @@ class CGMLLMDataCollator:
             "input_ids": input_ids,
             "labels": labels,
             "latents": latents,
+            "point_features": point_features,
             "loss_mask": loss_mask,
             "shape_block_ids": block_ids,
             "pixel_values": encoded.get("pixel_values"),
@@ -244,7 +273,7 @@ class CGMLLMDataCollator:
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         sample_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        latents, loss_mask, pixel_values, grids = [], [], [], []
+        latents, loss_mask, pixel_values, grids, point_features = [], [], [], [], []
         for r, row in enumerate(rows):
             position = 0
             for k, sample in enumerate(row):
@@ -259,6 +288,8 @@ class CGMLLMDataCollator:
                     latents.append(sample["latents"])
                     flags = sample["loss_mask"]
                     loss_mask.append(flags if torch.is_tensor(flags) else torch.full((len(sample["latents"]),), flags))
+                if sample["point_features"] is not None:
+                    point_features.append(sample["point_features"])
                 if sample["pixel_values"] is not None:
                     pixel_values.append(sample["pixel_values"])
                     grids.append(sample["image_grid_thw"])
@@ -267,6 +298,15 @@ class CGMLLMDataCollator:
             batch["packed_sample_ids"] = sample_ids
         if any(sample["shape_block_ids"] is not None for sample in samples):
             batch["shape_block_ids"] = self._batch_block_ids(rows, width)
+        if latents and point_features:
+            raise ValueError(
+                "This batch mixes PointBERT clouds (" + ", ".join(repr(s["uid"]) for s in samples
+                                                         if s["point_features"] is not None) +
+                ") with ShapeVAE shapes: the model takes `point_features` or `shape_latents` per forward, not both. "
+                "Batch the PointLLM set apart (e.g. its own stage or data loader)."
+            )
+        if point_features:
+            batch["point_features"] = torch.cat(point_features)
         if latents:
             batch["shape_latents"] = torch.cat(latents)
             batch["shape_loss_mask"] = torch.cat(loss_mask)

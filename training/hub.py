@@ -23,7 +23,7 @@ from cgmllm import CGMLLMPipeline, render_mesh
 pipe = CGMLLMPipeline.from_pretrained("{repo_id}")
 if torch.cuda.is_available():
     pipe.to("cuda", torch.bfloat16)
-    settings = dict(num_inference_steps=50, guidance_scale=7.5, octree_resolution=256)
+    settings = dict(num_inference_steps=49, guidance_scale=7.5, octree_resolution=256)  # the official sampler
 else:  # a quicker, coarser preview on a CPU
     settings = dict(num_inference_steps=25, guidance_scale=7.5, octree_resolution=64)
 
