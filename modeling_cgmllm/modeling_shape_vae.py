@@ -413,6 +413,17 @@ class ShapeVAELossOutput(BaseOutput):
 _WEIGHT_FILES = ("model.fp16.safetensors", "model.safetensors", "model.fp16.ckpt", "model.ckpt")
 
 
+def _reporting_field(field: Callable[[torch.Tensor], torch.Tensor], report: Callable[[int], object]):
+    """`field` that also reports how many points each call evaluated."""
+
+    def reporting(xyz: torch.Tensor) -> torch.Tensor:
+        values = field(xyz)
+        report(len(xyz))
+        return values
+
+    return reporting
+
+
 class ShapeVAE(ModelMixin, ConfigMixin):
     r"""Hunyuan3D-2.1-compatible 3D shape VAE (vector-set latents, cross-attention encoder and field decoder).
 
@@ -614,12 +625,16 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
         band: float | None = 0.95,
+        progress_callback: Callable[[int], object] | None = None,
     ) -> list[trimesh.Trimesh]:
         """Like `latents_to_mesh`, for features `(B, N, width)` that already went through `decode`."""
         meshes = []
         for index in range(features.shape[0]):
+            field = self.field_fn(features[index : index + 1])
+            if progress_callback is not None:
+                field = _reporting_field(field, progress_callback)
             mesh = field_to_mesh(
-                self.field_fn(features[index : index + 1]),
+                field,
                 resolution=octree_resolution,
                 bounds=bounds,
                 level=mc_level,
@@ -648,6 +663,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
         band: float | None = 0.95,
+        progress_callback: Callable[[int], object] | None = None,
     ) -> list[trimesh.Trimesh]:
         """Latents `(B, N, embed_dim)` (unscaled: divide diffusion latents by `config.scale_factor` first) -> one
         `trimesh.Trimesh` per object, outward-facing, in the VAE cube.
@@ -664,6 +680,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             band: hierarchical only: also refine coarse cells whose logit is within `band` of `mc_level` (FlashVDM's
                 `|logit| < 0.95`), so that small parts no coarse grid point falls inside are not lost; `None` refines
                 sign changes only (fewest queries).
+            progress_callback: called with the number of points after every chunk of field queries (e.g. a tqdm
+                bar's `update`).
         """
         return self.features_to_mesh(
             self.decode(latents),
@@ -676,6 +694,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             max_faces=max_faces,
             hunyuan_vertex_scale=hunyuan_vertex_scale,
             band=band,
+            progress_callback=progress_callback,
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,16 @@ def hybrid_mask_function(
     return mask_function
 
 
+def _queries_are_one_block(shape_block_ids: torch.LongTensor, query_keep: torch.BoolTensor) -> bool:
+    """True when every query of every row belongs to the same 3D block and none is padding.
+
+    Then the hybrid rule reduces to the padding mask: a block sees all earlier (cached) context and itself
+    bidirectionally, and nothing in the cache is noisy (only clean blocks are ever written into a cache).
+    """
+    first = shape_block_ids[:, :1]
+    return bool(((shape_block_ids == first) & (first >= 0)).all()) and bool(query_keep.all())
+
+
 def _pad_past(tensor: torch.Tensor, past_length: int, fill_value) -> torch.Tensor:
     """Left-extend a `(batch, q_len)` tensor with `past_length` columns of `fill_value` (the cached tokens)."""
     if past_length == 0:
@@ -119,6 +129,17 @@ def create_hybrid_attention_mask(
                 f"got {tuple(attention_mask.shape)}."
             )
         keep = attention_mask.to(device=device).bool()
+    if packed_sample_ids is None and implementation in ("sdpa", "eager") and _queries_are_one_block(
+        shape_block_ids, keep[:, past_length:]
+    ):
+        # A denoising step (or a clean block written after the cached prompt): every query sees every kept key, so
+        # the mask is the padding mask broadcast over the queries, `(batch, 1, 1, kv_len)`: O(kv_len) to build
+        # instead of O(q_len * kv_len), and the kernel converts a tiny boolean mask instead of a full one per layer.
+        if implementation == "sdpa":
+            return keep[:, None, None, :]
+        return torch.zeros(keep.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
+            ~keep, torch.finfo(inputs_embeds.dtype).min
+        )[:, None, None, :]
     block_ids = _pad_past(shape_block_ids.to(device), past_length, -1)
     noisy = _pad_past(noisy_shape_mask.to(device).bool(), past_length, False)
     if packed_sample_ids is None:

@@ -545,7 +545,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
                 row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
                 noisy `x_t` at those times.
-            shape_timesteps: `(num_latent_rows,)` flow time of every latent row. When omitted, the forward draws a
+            shape_timesteps: `(num_latent_rows,)` flow time of every latent row, or one value `(1,)` shared by all
+                rows (a denoising step; its embedding is computed once). When omitted, the forward draws a
                 logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
                 target `eps - x0`) and uses `t = 0` (clean, no loss) for the others.
             shape_loss_mask: `(num_latent_rows,)` bool, which rows are generation targets when timesteps are drawn
@@ -688,9 +689,12 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         device = self.obj2llm.weight.device
         x = shape_latents.to(device=device, dtype=torch.float32)
         velocity_target = flow_loss_mask = None
+        time_embeds = None
         if shape_timesteps is not None:
             timesteps = torch.as_tensor(shape_timesteps, dtype=torch.float32, device=device).reshape(-1)
             if timesteps.numel() == 1:
+                # One flow time for every row (a denoising step): embed it once, not once per row.
+                time_embeds = self.time_embedder(timesteps)
                 timesteps = timesteps.expand(num_rows)
             if timesteps.shape[0] != num_rows:
                 raise ValueError(
@@ -721,7 +725,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             velocity_target = noise - x
             x = (1 - timesteps[:, None]) * x + timesteps[:, None] * noise
         dtype = self.obj2llm.weight.dtype
-        embeds = self.obj2llm(x.to(dtype)) + self.time_embedder(timesteps)
+        embeds = self.obj2llm(x.to(dtype)) + (self.time_embedder(timesteps) if time_embeds is None else time_embeds)
         return embeds, timesteps, velocity_target, flow_loss_mask
 
     @staticmethod
@@ -959,6 +963,21 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             shape_block_ids=model_kwargs.get("shape_block_ids"),
         )
         return torch.cat([text_positions.reshape(1, *input_ids.shape), rope], dim=0)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a local folder without `config.json` (unless a `config` is
+        passed): transformers would otherwise build the default configuration, a 2B-shaped model of about 22 GB,
+        before it finds that the weights do not fit."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            raise OSError(
+                f"{folder} has no config.json: it is not a saved CG-MLLM model folder. Pass the folder written by "
+                "`save_pretrained` (in a pipeline folder, its `model/` subfolder), or pass `config=`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
