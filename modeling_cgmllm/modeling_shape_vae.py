@@ -173,8 +173,9 @@ class MultiheadCrossAttention(nn.Module):
         self.c_proj = nn.Linear(width, width)
         self.attention = QKVMultiheadCrossAttention(heads, width, qk_norm)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data)))
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        """`kv` is `c_kv(data)` when already computed (see `ResidualCrossAttentionBlock.project_data`)."""
+        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data) if kv is None else kv))
 
 
 class ResidualCrossAttentionBlock(nn.Module):
@@ -188,8 +189,13 @@ class ResidualCrossAttentionBlock(nn.Module):
         self.ln_3 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = MLP(width, mlp_expand_ratio)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.ln_2(data))
+    def project_data(self, data: torch.Tensor) -> torch.Tensor:
+        """`(B, M, width) -> (B, M, 2 * width)` keys and values of `data`: what every query chunk of a volume decoding
+        attends to, computed once per object instead of once per chunk (same values: same inputs, same shapes)."""
+        return self.attn.c_kv(self.ln_2(data))
+
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), kv=self.project_data(data) if kv is None else kv)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -345,9 +351,11 @@ class CrossAttentionDecoder(nn.Module):
         self.ln_post = nn.LayerNorm(width) if use_ln_post else None
         self.output_proj = nn.Linear(width, 1)
 
-    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor, latent_kv: torch.Tensor | None = None):
+        """Queries `(B, Q, 3)`, latents `(B, M, width)` -> logits `(B, Q, 1)`; `latent_kv` =
+        `cross_attn_decoder.project_data(latents)` when already computed."""
         x = self.query_proj(self.fourier_embedder(queries.to(latents.dtype)))
-        x = self.cross_attn_decoder(x, latents)
+        x = self.cross_attn_decoder(x, latents, kv=latent_kv)
         if self.ln_post is not None:
             x = self.ln_post(x)
         return self.output_proj(x)
@@ -606,9 +614,14 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         if features.shape[0] != 1:
             raise ValueError(f"field_fn takes the features of one object, got batch size {features.shape[0]}.")
 
+        decoder = self.geo_decoder
+        with torch.no_grad():  # the latents' keys / values are the same for every chunk of queries: once per object
+            latent_kv = decoder.cross_attn_decoder.project_data(features)
+
         @torch.no_grad()
         def field(xyz: torch.Tensor) -> torch.Tensor:
-            return self.query(features, xyz.to(features.device)[None])[0].float().cpu()
+            xyz = torch.as_tensor(xyz, device=features.device)[None].to(features.dtype)
+            return decoder(xyz, features, latent_kv=latent_kv)[0, :, 0].float().cpu()
 
         return field
 

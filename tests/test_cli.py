@@ -165,7 +165,8 @@ def test_help_and_import_load_no_heavy_library():
             cli.main(["--help"])
         except SystemExit:
             pass
-        heavy = sorted(m for m in ("torch", "transformers", "diffusers", "peft", "datasets", "trimesh") if m in sys.modules)
+        names = ("torch", "transformers", "diffusers", "peft", "datasets", "trimesh")
+        heavy = sorted(m for m in names if m in sys.modules)
         print("HEAVY", heavy)
         """
     )
