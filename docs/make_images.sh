@@ -21,7 +21,7 @@ for caption in "a thick torus standing on its edge" "a tall thick-walled tube ti
     name="view_$(echo "$caption" | tr ' ' '_')"
     python - "$caption" "$name.png" <<'PY'
 import sys
-from cgmllm.training.tiny_world_eval import heldout_rows, render_view
+from cgmllm.training.tiny_world.evaluation import heldout_rows, render_view
 row = next(row for row in heldout_rows() if row["caption"] == sys.argv[1])
 render_view(row).save(sys.argv[2])
 PY

@@ -31,6 +31,8 @@ _EXPORTS = {
     "normalize_mesh": "mesh_utils",
     "sample_sdf_points": "mesh_utils",
     "sample_surface": "mesh_utils",
+    "PointBERTConfig": "modeling_pointbert",
+    "PointBERTEncoder": "modeling_pointbert",
     "DiagonalGaussianDistribution": "modeling_shape_vae",
     "ShapeVAE": "modeling_shape_vae",
     "ShapeVAELossOutput": "modeling_shape_vae",
@@ -43,12 +45,15 @@ _EXPORTS = {
     "CGMLLMTrainer": "training",
 }
 # Names whose use means the Auto classes will be needed (everything that builds, loads or saves a model).
-_REGISTERING_MODULES = {"configuration_cgmllm", "modeling_cgmllm", "processing_cgmllm", "pipelines", "training"}
+_REGISTERING_MODULES = {
+    "configuration_cgmllm", "modeling_cgmllm", "modeling_pointbert", "processing_cgmllm", "pipelines", "training"
+}
 _registered = False
 
 
 def register_auto_classes() -> None:
-    """Register CG-MLLM with `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText` and `AutoProcessor`, and mark
+    """Register CG-MLLM (and its PointBERT encoder) with `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`
+    and `AutoProcessor`, and mark
     the classes for `auto_map` (so that `save_pretrained` writes remote-code checkpoints). Idempotent."""
     global _registered
     if _registered:
@@ -57,17 +62,22 @@ def register_auto_classes() -> None:
 
     from .configuration_cgmllm import CGMLLMConfig
     from .modeling_cgmllm import CGMLLMForConditionalGeneration
+    from .modeling_pointbert import PointBERTConfig, PointBERTEncoder
     from .processing_cgmllm import CGMLLMProcessor
 
     AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
     AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(CGMLLMConfig, CGMLLMProcessor, exist_ok=True)
+    AutoConfig.register(PointBERTConfig.model_type, PointBERTConfig, exist_ok=True)
+    AutoModel.register(PointBERTConfig, PointBERTEncoder, exist_ok=True)
     # `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
     # with `trust_remote_code=True` where this package is not installed.
     CGMLLMConfig.register_for_auto_class("AutoConfig")
     CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
     CGMLLMProcessor.register_for_auto_class("AutoProcessor")
+    PointBERTConfig.register_for_auto_class("AutoConfig")
+    PointBERTEncoder.register_for_auto_class("AutoModel")
     _registered = True
 
 

@@ -5,7 +5,9 @@
     cgmllm caption MESH_OR_IMAGE [--model DIR]
     cgmllm generate "PROMPT" -o outputs/out.glb [--model DIR --steps --guidance-scale --seed --num-shape-tokens
                                                  --octree-resolution --mc-level]
-    every command: [--threads N] [--quiet]
+    cgmllm app [--model DIR --port 7860 --share]        # the web demo (pip install "cg-mllm[app]")
+    cgmllm export-space --out SPACE_DIR [--model DIR]   # a folder that runs as a Hugging Face Space
+    demo / render / caption / generate also take [--threads N] [--quiet]
 
 Start-up is cheap: this module imports only the standard library at the top, and each command imports what it
 uses after its arguments have been checked, so `--help` and argument errors answer in a fraction of a second.
@@ -19,8 +21,8 @@ from pathlib import Path
 
 
 # One set of generation defaults for the command line and the Python API (`CGMLLMPipeline.__call__` uses the same
-# values): 50 Euler steps, CFG 7.5, marching cubes on a 128^3 grid.
-DEFAULT_STEPS = 50
+# values): 49 Euler steps (the official 50 timesteps), CFG 7.5, marching cubes on a 128^3 grid.
+DEFAULT_STEPS = 49
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_OCTREE_RESOLUTION = 128
 
@@ -296,6 +298,47 @@ def run_generate(args) -> int:
     return 0
 
 
+def _require_gradio():
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise CLIError('the web demo needs gradio: pip install "cg-mllm[app]" (or pip install gradio).') from error
+
+
+def run_app(args) -> int:
+    _require_gradio()
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
+    pipe = _load_pipeline(args.model)
+    from cgmllm.app import launch_app
+
+    print(f"serving the CG-MLLM demo on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    launch_app(pipe, port=args.port, share=args.share, host=args.host)
+    return 0
+
+
+def run_export_space(args) -> int:
+    from pathlib import Path
+
+    _require_gradio()
+    model = args.model if args.model is not None else default_model_dir()
+    if model is None:
+        _load_pipeline(None)  # raises the "no shipped pipeline" error
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise CLIError(f"--model {model}: not a pipeline folder (no model_index.json); save one with "
+                       "CGMLLMPipeline.save_pretrained.")
+    from cgmllm.app import export_space
+
+    try:
+        out = export_space(model, args.out, title=args.title)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    print(f"wrote the Space folder {out} (app.py, requirements.txt, pipeline/); try it with `cd {out} && python "
+          "app.py`, or push it to a Hugging Face Space (sdk: gradio)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cgmllm",
@@ -353,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="output mesh (glb, gltf with embedded buffers, obj, ply, stl, off); its folder is "
                                "created if missing")
     generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
-    generate.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Euler denoising steps")
+    generate.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                          help="Euler denoising steps (S steps = the official --num_timesteps S + 1)")
     generate.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
                           help="classifier-free guidance (<=1: off)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -363,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="marching-cubes grid cells per axis")
     generate.add_argument("--mc-level", type=float, default=0.0, help="iso-level of the decoded field")
     generate.set_defaults(func=run_generate)
+
+    app = subcommands.add_parser("app", help="serve the web demo (gradio) in the browser", formatter_class=defaults)
+    app.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    app.add_argument("--port", type=int, default=7860, help="port to serve on")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
+                     help="also open a public gradio.live link")
+    app.set_defaults(func=run_app)
+
+    space = subcommands.add_parser("export-space", help="write a folder that runs the demo as a Hugging Face Space",
+                                   formatter_class=defaults)
+    space.add_argument("--out", required=True, help="the Space folder to write (new or empty)")
+    space.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    space.add_argument("--title", default="CG-MLLM", help="title of the Space")
+    space.set_defaults(func=run_export_space)
     return parser
 
 
@@ -386,7 +445,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         # Outputs are written last and atomically: an interrupted command leaves no partial file behind.
-        print(f"\ncgmllm {args.command}: interrupted; nothing written.", file=sys.stderr)
+        writes = args.command in ("generate", "render")
+        print(f"\ncgmllm {args.command}: interrupted{'; nothing written' if writes else ''}.", file=sys.stderr)
         return 130
 
 

@@ -36,6 +36,7 @@ import trimesh
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -54,7 +55,11 @@ logger = logging.get_logger(__name__)
 class FourierEmbedder(nn.Module):
     """`x (..., 3) -> [x, sin(x f), cos(x f)] (..., 3 * (2 * num_freqs + 1))` with `f = 2^0 .. 2^(num_freqs-1)`
     (times pi if `include_pi`). The product is coordinate-major: x*f0..x*fK, y*f0.., z*f0..; `input_proj` and
-    `query_proj` were trained on exactly this order. Frequencies are a non-persistent buffer (not in checkpoints)."""
+    `query_proj` were trained on exactly this order. Frequencies are a non-persistent buffer (not in checkpoints).
+
+    Always computed in float32 and returned in float32, whatever the model dtype: `x * 2^7` in bfloat16 has an
+    absolute error of up to 0.25 rad (half precision: 0.03), which the sines turn into a different field. The caller
+    casts the features to its projection's dtype."""
 
     def __init__(self, num_freqs: int = 8, include_pi: bool = False, input_dim: int = 3):
         super().__init__()
@@ -65,7 +70,8 @@ class FourierEmbedder(nn.Module):
         self.out_dim = input_dim * (2 * num_freqs + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        embed = (x[..., None] * self.frequencies.to(x.dtype)).flatten(-2)  # (..., 3 * num_freqs)
+        x = x.float()
+        embed = (x[..., None] * self.frequencies.float()).flatten(-2)  # (..., 3 * num_freqs)
         return torch.cat([x, embed.sin(), embed.cos()], dim=-1)
 
 
@@ -288,7 +294,9 @@ class PointCrossAttentionEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(width) if use_ln_post else None  # default eps 1e-5, as the official model
 
     def _embed(self, points: torch.Tensor) -> torch.Tensor:
-        return self.input_proj(torch.cat([self.fourier_embedder(points[..., :3]), points[..., 3:]], dim=-1))
+        """Float32 points `(B, P, 3 + F)` -> `(B, P, W)` in the projection's dtype (Fourier features in float32)."""
+        features = torch.cat([self.fourier_embedder(points[..., :3]), points[..., 3:].float()], dim=-1)
+        return self.input_proj(features.to(self.input_proj.weight.dtype))
 
     def sample_queries(
         self, surface: torch.Tensor, num_latents: int, generator: torch.Generator | None = None
@@ -354,7 +362,8 @@ class CrossAttentionDecoder(nn.Module):
     def forward(self, queries: torch.Tensor, latents: torch.Tensor, latent_kv: torch.Tensor | None = None):
         """Queries `(B, Q, 3)`, latents `(B, M, width)` -> logits `(B, Q, 1)`; `latent_kv` =
         `cross_attn_decoder.project_data(latents)` when already computed."""
-        x = self.query_proj(self.fourier_embedder(queries.to(latents.dtype)))
+        # `queries` stay float32 up to the Fourier features (see `FourierEmbedder`).
+        x = self.query_proj(self.fourier_embedder(queries).to(self.query_proj.weight.dtype))
         x = self.cross_attn_decoder(x, latents, kv=latent_kv)
         if self.ln_post is not None:
             x = self.ln_post(x)
@@ -458,6 +467,9 @@ class ShapeVAE(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ResidualAttentionBlock", "ResidualCrossAttentionBlock"]
+    # The public methods (`encode`, `decode`, `query`, `latents_to_mesh`, ...) carry diffusers' `apply_forward_hook`,
+    # so that a pipeline's `enable_model_cpu_offload()` moves the VAE to the accelerator when any of them is called,
+    # not only `forward`.
 
     @register_to_config
     def __init__(
@@ -549,8 +561,24 @@ class ShapeVAE(ModelMixin, ConfigMixin):
                 f"surface has {surface.shape[1]} points but pc_sharpedge_size={self.config.pc_sharpedge_size} of them "
                 "are reserved for the sharp-edge pool; no uniform points are left."
             )
-        return surface.to(device=self.device, dtype=self.dtype)
+        # Float32 whatever the model dtype: the random subset, farthest point sampling and the Fourier features read
+        # the coordinates; half precision would move the picked queries (bfloat16 steps are 2^-8 near 1).
+        return surface.to(device=self.execution_device, dtype=torch.float32)
 
+    @property
+    def execution_device(self) -> torch.device:
+        """The device the computation runs on: the parameters' device, or, under accelerate's sequential CPU offload
+        (parameters on the `meta` device, loaded per submodule), the offload hooks' execution device."""
+        device = self.device
+        if device.type != "meta":
+            return device
+        for module in self.modules():
+            hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if hook_device is not None:
+                return torch.device(hook_device)
+        return device
+
+    @apply_forward_hook
     def encode(
         self,
         surface: torch.Tensor | np.ndarray,
@@ -582,21 +610,27 @@ class ShapeVAE(ModelMixin, ConfigMixin):
     # Decoding
     # ------------------------------------------------------------------------------------------------------------
 
+    @apply_forward_hook
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents `(B, N, embed_dim)` (unscaled) -> decoder features `(B, N, width)`: `post_kl` + `transformer`."""
         if latents.ndim != 3 or latents.shape[-1] != self.config.embed_dim:
             raise ValueError(
                 f"latents must be (B, N, {self.config.embed_dim}), got shape {tuple(latents.shape)}."
             )
-        return self.transformer(self.post_kl(latents.to(device=self.device, dtype=self.dtype)))
+        return self.transformer(self.post_kl(latents.to(device=self.execution_device, dtype=self.dtype)))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """Same as `decode`, as in the official model."""
         return self.decode(latents)
 
+    @apply_forward_hook
     def query(self, features: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
         """Field at query points: features `(B, N, width)` from `decode`, xyz `(B, Q, 3)` or `(Q, 3)` (shared by the
         batch) -> logits `(B, Q)`, positive inside the shape; the surface is the 0 level."""
+        return self._query(features, xyz)
+
+    def _query(self, features: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
+        """`query` without the offload hook (called per chunk by `field_fn`, after a hooked entry point)."""
         xyz = torch.as_tensor(xyz, device=features.device)
         if xyz.ndim == 2:
             xyz = xyz[None].expand(features.shape[0], -1, -1)
@@ -604,7 +638,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"xyz must be (Q, 3) or (B={features.shape[0]}, Q, 3), got shape {tuple(xyz.shape)}."
             )
-        return self.geo_decoder(xyz.to(features.dtype), features).squeeze(-1)
+        return self.geo_decoder(xyz.float(), features).squeeze(-1)
 
     def field_fn(self, features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Returns `f(xyz (Q, 3)) -> (Q,)` for one object, features `(1, N, width)` or `(N, width)`, for
@@ -620,12 +654,13 @@ class ShapeVAE(ModelMixin, ConfigMixin):
 
         @torch.no_grad()
         def field(xyz: torch.Tensor) -> torch.Tensor:
-            xyz = torch.as_tensor(xyz, device=features.device)[None].to(features.dtype)
+            xyz = torch.as_tensor(xyz, device=features.device)[None].float()
             return decoder(xyz, features, latent_kv=latent_kv)[0, :, 0].float().cpu()
 
         return field
 
     @torch.no_grad()
+    @apply_forward_hook
     def features_to_mesh(
         self,
         features: torch.Tensor,
@@ -664,6 +699,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         return meshes
 
     @torch.no_grad()
+    @apply_forward_hook
     def latents_to_mesh(
         self,
         latents: torch.Tensor,
@@ -714,6 +750,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
     # Training
     # ------------------------------------------------------------------------------------------------------------
 
+    @apply_forward_hook
     def compute_loss(
         self,
         surface: torch.Tensor | np.ndarray,
@@ -753,8 +790,9 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"sdf_loss must be 'mse' or 'l1', got {sdf_loss!r}.")
         if sdf_clamp is not None and not sdf_clamp > 0:
             raise ValueError(f"sdf_clamp must be a positive distance or None, got {sdf_clamp}.")
-        query_points = torch.as_tensor(query_points, device=self.device, dtype=self.dtype)
-        query_labels = torch.as_tensor(query_labels, device=self.device, dtype=self.dtype)
+        device = self.execution_device
+        query_points = torch.as_tensor(query_points, device=device, dtype=torch.float32)
+        query_labels = torch.as_tensor(query_labels, device=device, dtype=self.dtype)
         if query_points.ndim != 3 or query_points.shape[-1] != 3:
             raise ValueError(f"query_points must be (B, Q, 3), got shape {tuple(query_points.shape)}.")
         if query_labels.shape != query_points.shape[:2]:

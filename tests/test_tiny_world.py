@@ -255,7 +255,7 @@ def test_family_classifier_is_right_on_ground_truth_and_ignores_pose():
 
 
 def test_family_accuracy_by_prompt_groups_and_sorts_worst_first():
-    from cgmllm.training.tiny_world_eval import family_accuracy_by_prompt
+    from cgmllm.training.tiny_world.evaluation import family_accuracy_by_prompt
 
     predictions = [
         {"caption": "a flat box", "family": "box", "predicted": "cylinder"},
@@ -281,7 +281,7 @@ def test_text_to_shape_passes_the_sampling_arguments_to_the_pipeline():
 
     from cgmllm.pipelines import CGMLLMPipeline
     from cgmllm.training.testing import tiny_model, tiny_processor, tiny_vae
-    from cgmllm.training.tiny_world_eval import text_to_shape
+    from cgmllm.training.tiny_world.evaluation import text_to_shape
 
     processor = tiny_processor()
     pipe = CGMLLMPipeline(model=tiny_model(processor).eval(), vae=tiny_vae(), processor=processor,

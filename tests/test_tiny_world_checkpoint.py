@@ -21,7 +21,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def rows():
-    from cgmllm.training.tiny_world_eval import heldout_rows, single_shape_rows
+    from cgmllm.training.tiny_world.evaluation import heldout_rows, single_shape_rows
 
     # 20 held-out prompts: fresh samples (new dimensions, poses and seeds) of attribute combinations seen in
     # training. Unseen combinations are much harder for this tiny model; the benchmark reports them separately.
@@ -38,7 +38,7 @@ def test_shipped_checkpoint_is_small_and_loads_with_remote_code_layout():
 
 
 def test_text_to_shape_family_accuracy_floor(pipe, rows):
-    from cgmllm.training.tiny_world_eval import text_to_shape
+    from cgmllm.training.tiny_world.evaluation import text_to_shape
 
     torch.set_num_threads(2)
     result = text_to_shape(pipe, rows, num_inference_steps=25, guidance_scale=4.0, octree_resolution=64, seed=0,
@@ -49,7 +49,7 @@ def test_text_to_shape_family_accuracy_floor(pipe, rows):
 
 
 def test_mesh_caption_names_the_family(pipe, rows):
-    from cgmllm.training.tiny_world_eval import shape_to_caption
+    from cgmllm.training.tiny_world.evaluation import shape_to_caption
 
     result = shape_to_caption(pipe, rows[::2], max_new_tokens=24)
     assert result["family_word_accuracy"] >= 0.7, result["captions"]
@@ -57,7 +57,7 @@ def test_mesh_caption_names_the_family(pipe, rows):
 
 def test_image_caption_and_image_to_shape(pipe, rows):
     # The views are rendered as the data set renders them (128 px, one camera): image tasks are trained in the recipe.
-    from cgmllm.training.tiny_world_eval import image_to_caption, render_view, text_to_shape
+    from cgmllm.training.tiny_world.evaluation import image_to_caption, render_view, text_to_shape
 
     torch.set_num_threads(2)
     views = [dict(row, image=render_view(row)) for row in rows[::2]]
@@ -69,7 +69,7 @@ def test_image_caption_and_image_to_shape(pipe, rows):
 
 
 def test_vae_round_trip_keeps_the_shapes(pipe, rows):
-    from cgmllm.training.tiny_world_eval import vae_reconstruction
+    from cgmllm.training.tiny_world.evaluation import vae_reconstruction
 
     result = vae_reconstruction(pipe, rows[:6], octree_resolution=64)
     assert result["count"] == 6

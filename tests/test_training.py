@@ -90,9 +90,12 @@ def test_bad_samples_raise_naming_the_sample_or_are_skipped_with_a_warning(tmp_p
 
     (tmp_path / "c").mkdir()
     primitive_mesh("box").export(tmp_path / "c" / "u0.glb")
-    (tmp_path / "c" / "caps.csv").write_text("u0,   \n")
-    with pytest.raises(ValueError, match="'u0': empty caption"):
+    (tmp_path / "c" / "caps.csv").write_text("u0,   \n")  # Cap3D rows without a caption are dropped with a warning
+    with pytest.raises(ValueError, match="No usable samples"):
         load_caption_dataset(tmp_path / "c", layout="cap3d")
+    (folder / "metadata.csv").write_text("file_name,caption\nbox.glb,a box\nball.glb,   \n")
+    with pytest.raises(ValueError, match="'ball': empty caption"):
+        load_caption_dataset(folder)
     with pytest.raises(ValueError, match="Unknown layout"):
         load_caption_dataset(tmp_path, layout="zip")
 

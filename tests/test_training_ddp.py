@@ -1,4 +1,4 @@
-"""DDP: two CPU processes (gloo) train the tiny model with CGMLLMTrainer and stay in sync."""
+"""DDP: two CPU processes (gloo) train the tiny model with CGMLLMTrainer, stay in sync and save one checkpoint."""
 
 import json
 import socket
@@ -29,9 +29,9 @@ SCRIPT = textwrap.dedent(
     model = tiny_model(processor)
     collator = CGMLLMDataCollator(processor, 4, condition_dropout=0.5, max_tokens=48)
     args = TrainingArguments(out, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
-                             ddp_backend="gloo", seed=0)
-    trainer = CGMLLMTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+                             remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="steps",
+                             save_steps=2, ddp_backend="gloo", seed=0)
+    trainer = CGMLLMTrainer(model=model, args=args, train_dataset=data, data_collator=collator, ema_decay=0.9)
     trainer.train()
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     result = {"world_size": args.world_size, "rank": args.process_index, "checksum": checksum,
@@ -61,3 +61,8 @@ def test_two_process_gloo_ddp_training(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert len(ranks[0]["losses"]) == 3 and all(loss == loss for loss in ranks[0]["losses"])
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # gradients all-reduced
+    # The checkpoint, staged then renamed, holds both processes' RNG states and the EMA; nothing is left half-written.
+    checkpoint = tmp_path / "checkpoint-2"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "ema.safetensors", "trainer_state.json"} <= {
+        path.name for path in checkpoint.iterdir()}
+    assert not list(tmp_path.glob(".incomplete-*"))

@@ -10,6 +10,7 @@ _EXPORTS = {
     "CGMLLMDataCollator": "collator",
     "CGMLLMTrainer": "trainer",
     "EMACallback": "trainer",
+    "NonFiniteLossError": "checks",
     "Stage": "stages",
     "encode_dataset": "preprocess",
     "expand_stages": "stages",

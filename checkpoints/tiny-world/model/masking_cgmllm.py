@@ -9,6 +9,10 @@ One rule covers training (packed batches), prefill and KV-cached denoising:
   context; a *clean* block (t = 0, 3D understanding or an already generated block) is ordinary context;
 * tokens of different packed samples never attend to each other, and padding is never attended to.
 
+Packed samples are told apart by `packed_sample_ids`, or, in the padding-free layout of transformers'
+`DataCollatorWithFlattening` (one row, no attention mask, text position ids restarting for every sample), by where
+the position ids restart ([`packed_sample_ids_from_position_ids`]).
+
 Each query row may always attend to itself, which keeps fully padded rows finite (no NaN in the KV cache of a
 batched prefill where one row is empty, e.g. the unconditional CFG branch).
 
@@ -20,7 +24,7 @@ tensor for `eager`, a `BlockMask` for `flex_attention`.
 from collections.abc import Callable
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, find_packed_sequence_indices
 
 
 SUPPORTED_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
@@ -62,6 +66,33 @@ def hybrid_mask_function(
         return allowed | (q_idx == kv_idx)
 
     return mask_function
+
+
+def packed_sample_ids_from_position_ids(
+    text_position_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    past_length: int,
+) -> torch.LongTensor | None:
+    """Packed-sample ids of a padding-free batch, read from its text position ids.
+
+    A new sample starts wherever the position ids do not advance by one (transformers' own rule,
+    `find_packed_sequence_indices`; this is the layout `DataCollatorWithFlattening` produces). Only a fresh forward
+    (no cached tokens) without padding can be packed this way: with a KV cache or a padding mask the position ids
+    continue a sequence or skip padding, and carry no sample boundaries.
+
+    Args:
+        text_position_ids: `(batch, seq_len)` (or `(1, seq_len)`) text position ids, or None.
+        attention_mask: `(batch, seq_len)` 2D padding mask, or None.
+        past_length: number of cached tokens in front of the queries.
+
+    Returns:
+        `(batch, seq_len)` sample ids (0, 1, ... within each row), or None when every row holds a single sample.
+    """
+    if text_position_ids is None or past_length > 0:
+        return None
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        return None
+    return find_packed_sequence_indices(text_position_ids)
 
 
 def _queries_are_one_block(shape_block_ids: torch.LongTensor, query_keep: torch.BoolTensor) -> bool:
@@ -170,4 +201,5 @@ __all__ = [
     "check_attention_implementation",
     "create_hybrid_attention_mask",
     "hybrid_mask_function",
+    "packed_sample_ids_from_position_ids",
 ]
