@@ -14,6 +14,7 @@ from .modeling_cgmllm import (
     CGMLLMTimestepEmbedder,
 )
 from .mesh_utils import denormalize_mesh, load_mesh, normalize_mesh, sample_sdf_points, sample_surface
+from .modeling_pointbert import PointBERTConfig, PointBERTEncoder
 from .modeling_shape_vae import DiagonalGaussianDistribution, ShapeVAE, ShapeVAELossOutput
 from .processing_cgmllm import CGMLLMProcessor
 from .rendering import render_mesh, render_multiview
@@ -28,11 +29,15 @@ AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
 AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(CGMLLMConfig, CGMLLMProcessor, exist_ok=True)
+AutoConfig.register(PointBERTConfig.model_type, PointBERTConfig, exist_ok=True)
+AutoModel.register(PointBERTConfig, PointBERTEncoder, exist_ok=True)
 # `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
 # with `trust_remote_code=True` where this package is not installed.
 CGMLLMConfig.register_for_auto_class("AutoConfig")
 CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
 CGMLLMProcessor.register_for_auto_class("AutoProcessor")
+PointBERTConfig.register_for_auto_class("AutoConfig")
+PointBERTEncoder.register_for_auto_class("AutoModel")
 
 
 
@@ -67,5 +72,7 @@ __all__ = [
     "CGMLLMPreTrainedModel",
     "CGMLLMProcessor",
     "CGMLLMTimestepEmbedder",
+    "PointBERTConfig",
+    "PointBERTEncoder",
     "train_bbpe_tokenizer",
 ]

@@ -5,6 +5,8 @@
     cgmllm caption MESH_OR_IMAGE [--model DIR]
     cgmllm generate "PROMPT" -o out.glb [--model DIR --steps --guidance-scale --seed --num-shape-tokens
                                          --octree-resolution --mc-level]
+    cgmllm app [--model DIR --port 7860 --share]        # the web demo (pip install "cg-mllm[app]")
+    cgmllm export-space --out SPACE_DIR [--model DIR]   # a folder that runs as a Hugging Face Space
 """
 
 import argparse
@@ -233,6 +235,47 @@ def run_generate(args) -> int:
     return 0
 
 
+def _require_gradio():
+    try:
+        import gradio  # noqa: F401
+    except ImportError as error:
+        raise CLIError('the web demo needs gradio: pip install "cg-mllm[app]" (or pip install gradio).') from error
+
+
+def run_app(args) -> int:
+    _require_gradio()
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be between 1 and 65535, got {args.port}.")
+    pipe = _load_pipeline(args.model)
+    from cgmllm.app import launch_app
+
+    print(f"serving the CG-MLLM demo on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    launch_app(pipe, port=args.port, share=args.share, host=args.host)
+    return 0
+
+
+def run_export_space(args) -> int:
+    from pathlib import Path
+
+    _require_gradio()
+    model = args.model if args.model is not None else default_model_dir()
+    if model is None:
+        _load_pipeline(None)  # raises the "no shipped pipeline" error
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise CLIError(f"--model {model}: not a pipeline folder (no model_index.json); save one with "
+                       "CGMLLMPipeline.save_pretrained.")
+    from cgmllm.app import export_space
+
+    try:
+        out = export_space(model, args.out, title=args.title)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    print(f"wrote the Space folder {out} (app.py, requirements.txt, pipeline/); try it with `cd {out} && python "
+          "app.py`, or push it to a Hugging Face Space (sdk: gradio)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cgmllm",
@@ -290,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--octree-resolution", type=int, default=128, help="marching-cubes grid cells per axis")
     generate.add_argument("--mc-level", type=float, default=0.0, help="iso-level of the decoded field")
     generate.set_defaults(func=run_generate)
+
+    app = subcommands.add_parser("app", help="serve the web demo (gradio) in the browser", formatter_class=defaults)
+    app.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    app.add_argument("--port", type=int, default=7860, help="port to serve on")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
+                     help="also open a public gradio.live link")
+    app.set_defaults(func=run_app)
+
+    space = subcommands.add_parser("export-space", help="write a folder that runs the demo as a Hugging Face Space",
+                                   formatter_class=defaults)
+    space.add_argument("--out", required=True, help="the Space folder to write (new or empty)")
+    space.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
+    space.add_argument("--title", default="CG-MLLM", help="title of the Space")
+    space.set_defaults(func=run_export_space)
     return parser
 
 

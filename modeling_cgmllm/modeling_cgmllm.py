@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -37,6 +38,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     eager_attention_forward,
 )
 from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cgmllm import CGMLLMConfig
 from .masking_cgmllm import (
@@ -56,6 +59,10 @@ class CGMLLMModelOutputWithPast(ModelOutput):
     Args:
         last_hidden_state: `(batch, seq_len, hidden)` after the per-expert final norm.
         cache: the KV cache.
+        hidden_states: with `output_hidden_states`, the embeddings and the output of every layer (the last one after
+            the final norm), each `(batch, seq_len, hidden)`.
+        attentions: with `output_attentions` (eager attention), every layer's `(batch, heads, seq_len, kv_len)`
+            attention weights.
         shape_row_mask: `(batch, seq_len)` True at latent rows (`<|obj_pad|>` tokens).
         shape_timesteps: `(num_latent_rows,)` the flow time of every latent row.
         velocity_target: `(num_latent_rows, channels)` `noise - x0` where noise was drawn, else None.
@@ -66,6 +73,7 @@ class CGMLLMModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     shape_row_mask: torch.BoolTensor | None = None
     shape_timesteps: torch.FloatTensor | None = None
     velocity_target: torch.FloatTensor | None = None
@@ -77,30 +85,35 @@ class CGMLLMModelOutputWithPast(ModelOutput):
 class CGMLLMCausalLMOutputWithPast(ModelOutput):
     """Output of [`CGMLLMForConditionalGeneration`].
 
+    The first fields are those of every transformers causal LM, in their order, so that `return_dict=False` gives
+    `(loss, logits, cache, ...)` (`None` fields are left out of tuples).
+
     Args:
         loss: `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` over the terms that are present.
-        lm_loss: next-token cross-entropy over the `labels` that are not -100.
-        flow_loss: flow-matching MSE (mean over channels, then over target latent rows).
         logits: `(batch, seq_len or logits_to_keep, vocab)`; with `labels`, only the rows that predict a label:
             `(num_label_tokens, vocab)` in row-major order (see [`cgmllm_loss`]).
+        cache: the KV cache.
+        hidden_states / attentions: as in [`CGMLLMModelOutputWithPast`].
+        lm_loss: next-token cross-entropy over the `labels` that are not -100.
+        flow_loss: flow-matching MSE (mean over channels, then over target latent rows).
         velocity: `(num_latent_rows, channels)` predicted velocity of every latent row, in row-major order.
         velocity_target: `(num_latent_rows, channels)` `noise - x0` when the forward drew the noise itself.
         flow_loss_mask: `(num_latent_rows,)` True where the flow loss applies.
         shape_timesteps: `(num_latent_rows,)` flow time of every latent row.
-        cache: the KV cache.
         position_ids: `(3, batch, seq_len)` the mRoPE ids used (handy to continue a cached sequence).
     """
 
     loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     lm_loss: torch.FloatTensor | None = None
     flow_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     velocity: torch.FloatTensor | None = None
     velocity_target: torch.FloatTensor | None = None
     flow_loss_mask: torch.BoolTensor | None = None
     shape_timesteps: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     position_ids: torch.LongTensor | None = None
 
 
@@ -170,6 +183,23 @@ class CGMLLMTimestepEmbedder(nn.Module):
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = self.timestep_features(timesteps).to(self.mlp[0].weight.dtype)
         return self.mlp(features)
+
+
+class CGMLLMUnderstandingConnector(nn.Module):
+    """3D-understanding features (e.g. PointBERT's `(513, 1152)`) -> LLM rows: `fc2(gelu_tanh(fc1(x)))`.
+
+    The official `obj_und_connector` (key names `fc1` / `fc2`). No timestep embedding is added to its rows: they are
+    clean context, not noisy latents.
+    """
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_size)
+        self.act = ACT2FN["gelu_pytorch_tanh"]
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))
 
 
 class ExpertRouting:
@@ -273,7 +303,9 @@ class CGMLLMTextAttention(nn.Module):
         cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the attention output `(batch, seq_len, hidden)` and the attention weights
+        `(batch, heads, seq_len, kv_len)` (None unless the kernel computes them: eager)."""
         batch_size, seq_len, _ = hidden_states.shape
         qkv = routing(hidden_states, lambda r: self._qkv(r, False), lambda r: self._qkv(r, True))
         qkv = qkv.view(batch_size, seq_len, self.num_heads + 2 * self.num_key_value_heads, self.head_dim)
@@ -298,7 +330,7 @@ class CGMLLMTextAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
+        attn_output, attn_weights = attention_interface(
             self,
             query_states,
             key_states,
@@ -309,7 +341,7 @@ class CGMLLMTextAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
-        return routing(attn_output, self.o_proj, self.o_proj_block_ar)
+        return routing(attn_output, self.o_proj, self.o_proj_block_ar), attn_weights
 
 
 class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
@@ -338,7 +370,7 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_block_ar)
-        hidden_states = self.self_attn(
+        hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -382,10 +414,16 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
 
 
 class CGMLLMTextModel(CGMLLMPreTrainedModel):
-    """The Mixture-of-Transformers text decoder (Qwen3-VL text model with BlockAR experts and DeepStack)."""
+    """The Mixture-of-Transformers text decoder (Qwen3-VL text model with BlockAR experts and DeepStack).
+
+    `output_hidden_states` / `output_attentions` are recorded by transformers' output-capturing hooks, as in
+    Qwen3-VL: the input embeddings and every decoder layer's output (the last one replaced by the normed
+    `last_hidden_state`), and every attention module's weights.
+    """
 
     config_class = Qwen3VLTextConfig
     config: Qwen3VLTextConfig
+    _can_record_outputs = {"hidden_states": CGMLLMTextDecoderLayer, "attentions": CGMLLMTextAttention}
 
     def __init__(self, config: Qwen3VLTextConfig):
         super().__init__(config)
@@ -401,6 +439,7 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         inputs_embeds: torch.Tensor,
@@ -411,7 +450,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         update_cache: bool = True,
         visual_pos_masks: torch.Tensor | None = None,
         deepstack_visual_embeds: list[torch.Tensor] | None = None,
-        output_hidden_states: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -421,12 +459,13 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
             attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
             routing: which rows use BlockAR; defaults to all TokenAR.
             update_cache: False keeps `cache` read-only (denoising steps).
+            output_hidden_states / output_attentions (keyword, or the text config's flags): see the class docstring.
         """
+        kwargs.pop("output_hidden_states", None)  # read by `capture_outputs`; the attention kernels take no such flag
         if routing is None:
             routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool), 0)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
 
         for layer_idx, decoder_layer in enumerate(self.layers):
             hidden_states = decoder_layer(
@@ -444,13 +483,16 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                 hidden_states = Qwen3VLTextModel._deepstack_process(
                     self, hidden_states, visual_pos_masks, deepstack_visual_embeds[layer_idx]
                 )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
 
         hidden_states = routing(hidden_states, self.norm, self.norm_block_ar)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def _resolve_output_flag(value: bool | None, config: CGMLLMConfig, name: str) -> bool:
+    """An `output_*` keyword when given, else the flag of the config or of its text config."""
+    if value is not None:
+        return bool(value)
+    return bool(getattr(config, name, False) or getattr(config.text_config, name, False))
 
 
 def _sample_start_values(
@@ -482,12 +524,49 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         hidden_size = config.text_config.hidden_size
         self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
         self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
+        if config.point_feature_dim is not None:
+            self.obj_und_connector = CGMLLMUnderstandingConnector(config.point_feature_dim, hidden_size)
         self.rope_deltas = None
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------------
     # 3D token bookkeeping
     # ----------------------------------------------------------------------------------------------------------------
+    def get_image_token_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> torch.BoolTensor:
+        """`(batch, seq_len)` True at image placeholder tokens.
+
+        From `input_ids` when given; otherwise from `mm_token_type_ids == 1`, or else from the rows of `inputs_embeds`
+        equal to the `<|image_pad|>` embedding (Qwen3-VL's rule for embeddings without ids).
+        """
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        if mm_token_type_ids is not None:
+            return mm_token_type_ids.to(inputs_embeds.device) == 1
+        return self._rows_equal_to_token(inputs_embeds, self.config.image_token_id)
+
+    def _rows_equal_to_token(self, inputs_embeds: torch.Tensor, token_id: int) -> torch.BoolTensor:
+        """`(batch, seq_len)` True where a row of `inputs_embeds` is exactly the embedding of `token_id`."""
+        token = torch.tensor(token_id, dtype=torch.long, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
+
+    def _check_no_shape_rows_in_embeds(self, inputs_embeds, shape_latents, shape_block_ids) -> None:
+        """Embeddings without ids cannot say where a 3D block and its latent rows are: refuse instead of guessing."""
+        config = self.config
+        marker_ids = (config.obj_start_token_id, config.obj_pad_token_id, config.obj_end_token_id)
+        holds_markers = any(bool(self._rows_equal_to_token(inputs_embeds, i).any()) for i in marker_ids)
+        if shape_latents is not None or shape_block_ids is not None or holds_markers:
+            raise ValueError(
+                "3D blocks cannot be given as `inputs_embeds` alone: their `<|obj_start|>` / `<|obj_pad|>` / "
+                "`<|obj_end|>` ids locate the latent rows, the block mask and the shared block position. Pass "
+                "`input_ids` together with `inputs_embeds` (the ids then only locate image and 3D rows), or "
+                "`input_ids` alone."
+            )
+
     def get_shape_block_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """Block id per token from the `<|obj_start|> ... <|obj_end|>` spans (markers included), -1 outside.
 
@@ -518,6 +597,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         shape_block_ids: torch.LongTensor | None = None,
         noisy_shape_mask: torch.BoolTensor | None = None,
         packed_sample_ids: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """mRoPE ids for text, images and 3D blocks.
@@ -527,16 +607,24 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         clean block advances to `r + 1` while a noisy block does not advance (the official convention). Positions
         restart at 0 for every packed sample.
 
+        Image tokens are found from `mm_token_type_ids == 1` when given (Qwen3-VL's token types), else from
+        `input_ids`; without `input_ids`, both `mm_token_type_ids` and `shape_block_ids` are needed.
+
         Returns:
             position_ids `(3, batch, seq_len)` and rope deltas `(batch, 1)` (`max position + 1 - length`).
         """
-        batch_size, seq_len = input_ids.shape
-        device = input_ids.device
+        if input_ids is None and (mm_token_type_ids is None or shape_block_ids is None):
+            raise ValueError("`get_rope_index` without `input_ids` needs `mm_token_type_ids` and `shape_block_ids`.")
         if shape_block_ids is None:
             shape_block_ids = self.get_shape_block_ids(input_ids)
+        batch_size, seq_len = shape_block_ids.shape
+        device = shape_block_ids.device
         if noisy_shape_mask is None:
-            noisy_shape_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        is_image = input_ids == self.config.image_token_id
+            noisy_shape_mask = torch.zeros_like(shape_block_ids, dtype=torch.bool)
+        if mm_token_type_ids is not None:
+            is_image = mm_token_type_ids.to(device) == 1
+        else:
+            is_image = input_ids == self.config.image_token_id
         merge = self.config.vision_config.spatial_merge_size
         grid_iter = iter(image_grid_thw) if image_grid_thw is not None else None
 
@@ -590,6 +678,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         return position_ids, torch.tensor(deltas, device=device).unsqueeze(1)
 
     # ----------------------------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -600,12 +689,15 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
         packed_sample_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         update_cache: bool = True,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         generator: torch.Generator | None = None,
         **kwargs,
@@ -614,6 +706,18 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         Args:
             input_ids: `(batch, seq_len)`; every latent row is an `<|obj_pad|>` token inside an
                 `<|obj_start|> ... <|obj_end|>` span.
+            inputs_embeds: `(batch, seq_len, hidden)` token embeddings to use instead of looking `input_ids` up, as
+                in Qwen3-VL. Alone, they can hold text and image rows: image rows are the `<|image_pad|>` embedding
+                (or marked by `mm_token_type_ids == 1`) and are replaced by the features of `pixel_values`. 3D blocks
+                are located by their ids only: for rows with 3D blocks pass `input_ids` together with
+                `inputs_embeds` (the ids then only locate the image and 3D rows, every other row keeps its given
+                embedding), or `input_ids` alone.
+            mm_token_type_ids: `(batch, seq_len)` Qwen3-VL's token types (0 text, 1 image, 2 video), as the
+                processor returns them. Accepted so that `generate(**processor_outputs)` works; image rows are
+                found from `input_ids` when given, so the types are only read with `inputs_embeds` alone.
+            output_attentions / output_hidden_states: return every layer's attention weights (eager attention
+                only; other kernels compute none, as in transformers) / hidden states. Default: the config's flags
+                (the top-level config or its `text_config`).
             attention_mask: `(batch, cached + seq_len)` 2D padding mask.
             position_ids: the mRoPE ids `(3, batch, seq_len)`, or `(4, batch, seq_len)` with the text positions in
                 row 0 (what `generate` passes), or text positions only `(batch, seq_len)`. Computed with
@@ -624,6 +728,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
                 row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
                 noisy `x_t` at those times.
+            point_features: `(num_latent_rows, point_feature_dim)` (or `(B, rows, dim)`), 3D-understanding features
+                (PointBERT's, cls row first) for the `<|obj_pad|>` rows instead of `shape_latents`, the official
+                3D-captioning input: `obj_und_connector` only (no timestep embedding), a clean bidirectional block
+                through BlockAR with one rope id, the markers through TokenAR.
             shape_timesteps: `(num_latent_rows,)` flow time of every latent row, or one value `(1,)` shared by all
                 rows (a denoising step; its embedding is computed once). When omitted, the forward draws a
                 logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
@@ -639,23 +747,30 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         """
         cache = kwargs.pop("past_key_values", cache)
         check_attention_implementation(self.config.text_config._attn_implementation)
-        if input_ids is None:
-            raise ValueError("CG-MLLM needs `input_ids` (3D rows and images are located by their placeholder ids).")
-        if inputs_embeds is not None:
-            raise ValueError("Pass `input_ids`, not `inputs_embeds`: CG-MLLM builds the embeddings itself.")
         config = self.config
-        batch_size, seq_len = input_ids.shape
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass `input_ids` or `inputs_embeds` (or both, see the docstring).")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        elif input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(
+                f"`input_ids` {tuple(input_ids.shape)} and `inputs_embeds` {tuple(inputs_embeds.shape)} must describe "
+                "the same (batch, seq_len) tokens."
+            )
+        batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=config.text_config)
         past_length = cache.get_seq_length() if cache is not None else 0
 
         # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if input_ids is None:
+            self._check_no_shape_rows_in_embeds(inputs_embeds, shape_latents, shape_block_ids)
+        image_token_mask = self.get_image_token_mask(input_ids, inputs_embeds, mm_token_type_ids)
         visual_pos_masks, deepstack_visual_embeds, image_outputs = None, None, None
-        num_image_tokens = int((input_ids == config.image_token_id).sum())
+        num_image_tokens = int(image_token_mask.sum())
         if num_image_tokens > 0 and pixel_values is None:
             raise ValueError(
-                f"`input_ids` contains {num_image_tokens} image tokens but no `pixel_values` were given."
+                f"The sequence holds {num_image_tokens} image tokens but no `pixel_values` were given."
             )
         if pixel_values is not None:
             if image_grid_thw is None:
@@ -664,20 +779,28 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             image_embeds = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             if image_embeds.shape[0] != num_image_tokens:
                 raise ValueError(
-                    f"The images produce {image_embeds.shape[0]} visual tokens but `input_ids` holds "
+                    f"The images produce {image_embeds.shape[0]} visual tokens but the sequence holds "
                     f"{num_image_tokens} image tokens."
                 )
-            image_mask = (input_ids == config.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+            image_mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
-            visual_pos_masks = input_ids == config.image_token_id
+            visual_pos_masks = image_token_mask
             deepstack_visual_embeds = [torch.cat(feat, dim=0) for feat in image_outputs.deepstack_features]
 
-        if shape_block_ids is None:
-            shape_block_ids = self.get_shape_block_ids(input_ids)
-        shape_row_mask = input_ids == config.obj_pad_token_id
-        shape_out = self._embed_shape_rows(
-            shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
-        )
+        if input_ids is None:
+            # Checked above: rows given as embeddings hold no 3D block.
+            shape_block_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long, device=inputs_embeds.device)
+            shape_row_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        else:
+            if shape_block_ids is None:
+                shape_block_ids = self.get_shape_block_ids(input_ids)
+            shape_row_mask = input_ids == config.obj_pad_token_id
+        if point_features is not None:
+            shape_out = self._embed_point_rows(shape_row_mask, point_features, shape_latents)
+        else:
+            shape_out = self._embed_shape_rows(
+                shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
+            )
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
             num_shape_rows = shape_embeds.shape[0]  # known on the host: routing needs no device sync
@@ -709,7 +832,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         elif past_length == 0 or self.rope_deltas is None:
             keep = attention_mask[:, past_length:] if attention_mask is not None else None
             rope, deltas = self.get_rope_index(
-                input_ids, image_grid_thw, keep, shape_block_ids, noisy_shape_mask, packed_sample_ids
+                input_ids, image_grid_thw, keep, shape_block_ids, noisy_shape_mask, packed_sample_ids,
+                mm_token_type_ids=image_token_mask.long(),
             )
             if text_position_ids is not None:
                 # 2D text positions cannot express image grids or shared block ids: the mRoPE ids are computed per
@@ -719,7 +843,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             position_ids, self.rope_deltas = rope, deltas
         else:
             # Continuing a cached sequence without explicit positions: plain text after the cache.
-            steps = torch.arange(past_length, past_length + seq_len, device=input_ids.device)
+            steps = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
             position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
 
         # 3. The hybrid mask and the MoT decoder.
@@ -742,18 +866,52 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             update_cache=update_cache,
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack_visual_embeds,
-            output_hidden_states=bool(output_hidden_states),
+            output_hidden_states=_resolve_output_flag(output_hidden_states, config, "output_hidden_states"),
+            output_attentions=_resolve_output_flag(output_attentions, config, "output_attentions"),
+            return_dict=True,
         )
         return CGMLLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             shape_row_mask=shape_row_mask,
-            shape_timesteps=shape_timesteps if shape_out is not None else None,
+            # Understanding rows (point features) are context only: no velocity is read from them.
+            shape_timesteps=shape_timesteps if shape_out is not None and point_features is None else None,
             velocity_target=velocity_target,
             flow_loss_mask=flow_loss_mask,
             position_ids=position_ids,
         )
+
+    def _embed_point_rows(self, shape_row_mask, point_features, shape_latents):
+        """`obj_und_connector(point_features)` for the `<|obj_pad|>` rows (clean context, t = 0, no timestep
+        embedding). Returns `(embeds (S, hidden), zeros (S,), None, None)` like `_embed_shape_rows`."""
+        if shape_latents is not None:
+            raise ValueError("Pass either `shape_latents` or `point_features` for the `<|obj_pad|>` rows, not both.")
+        connector = getattr(self, "obj_und_connector", None)
+        if connector is None:
+            raise ValueError(
+                "`point_features` were given but this model has no `obj_und_connector` (config.point_feature_dim is "
+                "None); caption meshes from ShapeVAE latents with `shape_latents` instead."
+            )
+        features = torch.as_tensor(point_features)
+        if features.ndim == 3:
+            features = features.reshape(-1, features.shape[-1])
+        width = self.config.point_feature_dim
+        if features.ndim != 2 or features.shape[-1] != width:
+            raise ValueError(
+                f"`point_features` must have shape (num_rows, {width}) (config.point_feature_dim), got "
+                f"{tuple(torch.as_tensor(point_features).shape)}."
+            )
+        num_rows = int(shape_row_mask.sum())
+        if features.shape[0] != num_rows:
+            raise ValueError(
+                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
+                f"({features.shape[0]})."
+            )
+        weight = connector.fc1.weight
+        embeds = connector(features.to(device=weight.device, dtype=weight.dtype))
+        return embeds, torch.zeros(num_rows, device=weight.device), None, None
 
     def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
                           generator):
@@ -862,6 +1020,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.language_model.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -873,6 +1032,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
@@ -880,12 +1040,15 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         update_cache: bool = True,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         generator: torch.Generator | None = None,
         **kwargs,
-    ) -> CGMLLMCausalLMOutputWithPast:
+    ) -> CGMLLMCausalLMOutputWithPast | tuple:
         r"""
-        Training and inference share this forward. See [`CGMLLMModel.forward`] for the 3D arguments.
+        Training and inference share this forward. See [`CGMLLMModel.forward`] for the 3D arguments, `inputs_embeds`,
+        `mm_token_type_ids` and the output flags.
 
         Args:
             labels: `(batch, seq_len)` next-token labels aligned with `input_ids` (-100 = ignored; shifted inside).
@@ -895,6 +1058,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
                 `generate` and the pipeline pass 1).
             num_items_in_batch / num_shape_rows_in_batch: the denominators of the two loss terms (see
                 [`cgmllm_loss`]); default: this batch's label tokens / target latent rows.
+            return_dict (keyword, defaults to `config.return_dict`): False returns `output.to_tuple()`, i.e.
+                `(loss, logits, ...)` without the fields that are None, as every transformers model does.
 
         Returns `loss = lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` (the terms that exist), the two
         terms separately, `logits`, and `velocity` for every latent row.
@@ -902,8 +1067,6 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         cache = kwargs.pop("past_key_values", cache)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         num_shape_rows_in_batch = kwargs.pop("num_shape_rows_in_batch", None)
-        mm_token_type_ids = kwargs.pop("mm_token_type_ids", None)  # derived from input_ids instead
-        del mm_token_type_ids
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -913,14 +1076,18 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             shape_latents=shape_latents,
+            point_features=point_features,
             shape_timesteps=shape_timesteps,
             shape_loss_mask=shape_loss_mask,
             shape_block_ids=shape_block_ids,
             packed_sample_ids=packed_sample_ids,
             use_cache=use_cache,
             update_cache=update_cache,
+            mm_token_type_ids=mm_token_type_ids,
+            output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             generator=generator,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
 
@@ -954,32 +1121,65 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
         return CGMLLMCausalLMOutputWithPast(
             loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             lm_loss=lm_loss,
             flow_loss=flow_loss,
-            logits=logits,
             velocity=velocity,
             velocity_target=outputs.velocity_target,
             flow_loss_mask=outputs.flow_loss_mask,
             shape_timesteps=outputs.shape_timesteps,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
             position_ids=outputs.position_ids,
         )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Text generation (captioning) through GenerationMixin
     # ----------------------------------------------------------------------------------------------------------------
-    _SHAPE_INPUTS = ("shape_latents", "shape_timesteps", "shape_loss_mask", "shape_block_ids", "packed_sample_ids")
+    _SHAPE_INPUTS = ("shape_latents", "point_features", "shape_timesteps", "shape_loss_mask", "shape_block_ids",
+                     "packed_sample_ids")
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            # A 3D block inside a prompt is context: clean latents (t = 0) unless told otherwise.
-            if model_inputs.get("shape_latents") is not None and model_inputs.get("shape_timesteps") is None:
-                model_inputs["shape_timesteps"] = torch.zeros(1)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # Images and 3D blocks go with every forward whose (uncached) tokens hold their placeholders: the prefill,
+        # each step without a cache, and an assisted-decoding assistant's first forward (which `generate` does not
+        # count as a first iteration, and so would send without its pixels).
+        input_ids = model_inputs.get("input_ids")
+        if input_ids is None:  # a prompt given as `inputs_embeds` (first step only): text and image rows
+            has_images, has_shapes = True, False
         else:
-            for name in self._SHAPE_INPUTS + ("pixel_values", "image_grid_thw"):
-                model_inputs.pop(name, None)
+            has_images = bool((input_ids == self.config.image_token_id).any())
+            has_shapes = bool((input_ids == self.config.obj_pad_token_id).any())
+        for names, needed in (
+            (("pixel_values", "image_grid_thw"), has_images),
+            (self._SHAPE_INPUTS, has_shapes),
+        ):
+            for name in names:
+                if needed and kwargs.get(name) is not None:
+                    model_inputs[name] = kwargs[name]
+                else:
+                    model_inputs.pop(name, None)
+        # A 3D block inside a prompt is context: clean latents (t = 0) unless told otherwise.
+        if model_inputs.get("shape_latents") is not None and model_inputs.get("shape_timesteps") is None:
+            model_inputs["shape_timesteps"] = torch.zeros(1)
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
@@ -1019,6 +1219,12 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
                     value = torch.as_tensor(value).reshape(-1)
                     # A single value applies to every row and needs no copies.
                     flat[name] = value if value.numel() == 1 else repeat_chunks(value, rows_per_prompt, name)
+        point_features = model_kwargs.pop("point_features", None)
+        if point_features is not None:
+            point_features = torch.as_tensor(point_features)
+            point_features = point_features.reshape(-1, point_features.shape[-1])
+            rows_per_prompt = (input_ids == config.obj_pad_token_id).sum(-1).tolist()
+            flat["point_features"] = repeat_chunks(point_features, rows_per_prompt, "point_features")
 
         pixel_values = model_kwargs.pop("pixel_values", None)
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
@@ -1060,16 +1266,33 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # (4, batch, seq_len): row 0 text positions (bookkeeping for generate), rows 1-3 CG-MLLM's mRoPE ids.
         text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        input_ids = model_kwargs.get("input_ids", inputs_tensor)
-        if input_ids is None or input_ids.ndim != 2 or input_ids.dtype not in (torch.int, torch.long):
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[-1] == 0:
+            input_ids = inputs_tensor
+        if input_ids.ndim == 2 and input_ids.dtype in (torch.int, torch.long):
+            rope, _ = self.model.get_rope_index(
+                input_ids,
+                image_grid_thw=model_kwargs.get("image_grid_thw"),
+                attention_mask=model_kwargs.get("attention_mask"),
+                shape_block_ids=model_kwargs.get("shape_block_ids"),
+            )
+        elif input_ids.ndim == 3 and input_ids.is_floating_point():
+            # A prompt given as `inputs_embeds`: text and image rows only (see `CGMLLMModel.forward`).
+            inputs_embeds = input_ids
+            self.model._check_no_shape_rows_in_embeds(
+                inputs_embeds, model_kwargs.get("shape_latents"), model_kwargs.get("shape_block_ids")
+            )
+            image_token_mask = self.model.get_image_token_mask(None, inputs_embeds, model_kwargs.get("mm_token_type_ids"))
+            rope, _ = self.model.get_rope_index(
+                None,
+                image_grid_thw=model_kwargs.get("image_grid_thw"),
+                attention_mask=model_kwargs.get("attention_mask"),
+                shape_block_ids=torch.full(image_token_mask.shape, -1, dtype=torch.long, device=inputs_embeds.device),
+                mm_token_type_ids=image_token_mask.long(),
+            )
+        else:
             return text_positions
-        rope, _ = self.model.get_rope_index(
-            input_ids,
-            image_grid_thw=model_kwargs.get("image_grid_thw"),
-            attention_mask=model_kwargs.get("attention_mask"),
-            shape_block_ids=model_kwargs.get("shape_block_ids"),
-        )
-        return torch.cat([text_positions.reshape(1, *input_ids.shape), rope], dim=0)
+        return torch.cat([text_positions.reshape(1, *rope.shape[1:]), rope], dim=0)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
@@ -1143,7 +1366,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(qwen_state, strict=False)
         if unexpected:
             raise ValueError(f"Qwen3-VL weights with no place in CG-MLLM: {sorted(unexpected)[:10]} ...")
-        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "llm2obj.")
+        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "model.obj_und_connector.", "llm2obj.")
         not_loaded = [
             k for k in missing if "_block_ar" not in k and not k.startswith(fresh_prefixes) and k != "lm_head.weight"
         ]
@@ -1167,6 +1390,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "cgmllm_loss",
+    "CGMLLMUnderstandingConnector",
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",
     "CGMLLMPreTrainedModel",

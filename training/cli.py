@@ -7,7 +7,8 @@ Top-level keys (anything else is an error):
     model        {pretrained: FOLDER}  a saved CG-MLLM (model + processor), or
                  {tiny: {...}}         a tiny random model + BBPE tokenizer trained on the captions (smoke tests)
     shape_vae    ShapeVAE folder / Hunyuan3D checkpoint, or "tiny"; needed unless `data` is a latent cache
-    data         {path, layout, caption_column, skip_bad_samples}; a `cgmllm-preprocess` cache folder is used as is
+    data         {path, layout, caption_column, skip_bad_samples, streaming, num_proc}; a `cgmllm-preprocess` cache
+                 folder is used as is; `streaming: true` reads (and encodes) the data lazily (stages need max_steps)
     tasks        task weights for the collator (text_to_shape, image_to_shape, shape_caption, image_caption)
     ema_decay    EMA of the weights (e.g. 0.9999), saved as ema.safetensors with every checkpoint and each stage's
                  final folder; one EMA runs through all stages
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"output_dir", "seed", "model", "shape_vae", "data", "tasks", "ema_decay", "ema_restart_on_missing",
                   "training", "stages"}
-DATA_KEYS = {"path", "layout", "caption_column", "skip_bad_samples"}
+DATA_KEYS = {"path", "layout", "caption_column", "skip_bad_samples", "streaming", "num_proc"}
 MODEL_KEYS = {"pretrained", "tiny"}
 # Set by the stage, not by `training:`.
 STAGE_OWNED = {"output_dir", "learning_rate", "max_steps", "num_train_epochs", "seed", "remove_unused_columns"}
@@ -55,6 +56,7 @@ TYPES = {
     "tasks": "mapping", "ema_decay": "float|null", "ema_restart_on_missing": "bool", "training": "mapping",
     "stages": "list",
     "data.path": "str", "data.layout": "str", "data.caption_column": "str", "data.skip_bad_samples": "bool",
+    "data.streaming": "bool", "data.num_proc": "int|null",
     "model.pretrained": "str", "model.tiny": "mapping|null",
 }
 STAGE_TYPES = {
@@ -212,7 +214,7 @@ def _is_cache(path) -> bool:
 def build_components(config: dict):
     """(model, processor, dataset, vae) for a validated config."""
     import torch
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
     from .data import load_caption_dataset
     from .testing import tiny_model, tiny_processor, tiny_vae
@@ -223,7 +225,9 @@ def build_components(config: dict):
     else:
         dataset = load_caption_dataset(data_cfg["path"], layout=data_cfg.get("layout", "auto"),
                                        caption_column=data_cfg.get("caption_column", "caption"),
-                                       skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)))
+                                       skip_bad_samples=bool(data_cfg.get("skip_bad_samples", False)),
+                                       streaming=bool(data_cfg.get("streaming", False)),
+                                       num_proc=data_cfg.get("num_proc"))
     model_cfg = config.get("model") or {}
     torch.manual_seed(int(config.get("seed", 0)))
     if model_cfg.get("pretrained"):
@@ -233,7 +237,9 @@ def build_components(config: dict):
         processor = CGMLLMProcessor.from_pretrained(model_cfg["pretrained"])
     elif model_cfg.get("tiny") is not None:
         tiny = model_cfg["tiny"] if isinstance(model_cfg["tiny"], dict) else {}
-        processor = tiny_processor(dataset["caption"], vocab_size=int(tiny.pop("vocab_size", 300)))
+        # A streamed set trains the tiny tokenizer on its first captions (it cannot be indexed by column).
+        texts = dataset["caption"] if isinstance(dataset, Dataset) else [row["caption"] for row in dataset.take(10_000)]
+        processor = tiny_processor([text for text in texts if text], vocab_size=int(tiny.pop("vocab_size", 300)))
         model = tiny_model(processor, seed=int(config.get("seed", 0)), **tiny)
     else:
         raise ValueError("The config needs `model.pretrained: FOLDER` or `model.tiny: {...}`.")

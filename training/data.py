@@ -146,11 +146,13 @@ def detect_layout(path_or_spec) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Shared machinery: derived columns, bad-sample screening, warnings
 # ----------------------------------------------------------------------------------------------------------------
-def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=None, desc=None):
+def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=None, desc=None, files=None):
     """Columns computed by `function(batch)` from the `inputs` columns, next to the untouched `keep` columns.
 
     On a `Dataset` only the derived columns are written (the kept ones, e.g. surface bytes or views, are joined
-    without being copied); on an `IterableDataset` everything is computed as it is iterated.
+    without being copied); on an `IterableDataset` everything is computed as it is iterated. `files`: the shape files
+    `function` reads, when `datasets` does not know them (they are not the data files it loaded): their sizes and
+    modification times enter the cache fingerprint, so that a changed file is read again, never served stale.
     """
     keep = [name for name in keep if name in dataset.column_names]
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:  # `map` of nothing yields no columns
@@ -159,9 +161,29 @@ def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=Non
         kept = Features({name: dataset.features[name] for name in keep})
         drop = [name for name in dataset.column_names if name not in keep]
         return dataset.map(function, batched=True, remove_columns=drop, features=Features({**features, **kept}))
-    derived = dataset.select_columns(list(inputs)).map(
-        function, batched=True, remove_columns=list(inputs), features=features, num_proc=num_proc, desc=desc)
+    source = dataset.select_columns(list(inputs))
+    fingerprint = None
+    if files is not None:
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash([source._fingerprint, function, features, _files_signature(files)])
+    derived = source.map(function, batched=True, remove_columns=list(inputs), features=features, num_proc=num_proc,
+                         desc=desc, new_fingerprint=fingerprint)
     return concatenate_datasets([derived, dataset.select_columns(keep)], axis=1) if keep else derived
+
+
+def _files_signature(paths) -> str:
+    """A hash of the files' paths, sizes and modification times (one `stat` each)."""
+    from datasets.fingerprint import Hasher
+
+    stats = []
+    for path in sorted(paths):
+        try:
+            info = os.stat(path)
+            stats.append((path, info.st_size, info.st_mtime_ns))
+        except OSError:
+            stats.append((path, None, None))
+    return Hasher.hash(stats)
 
 
 def _known_features(dataset):
@@ -441,7 +463,8 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
                 out[name].append(item)
         return out
 
-    return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes")
+    return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes",
+                   files=index.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,8 +552,9 @@ def _pointllm(spec, validate, streaming, num_proc):
         raise ValueError(f"{jsonl} lacks {missing}; expected PointLLM records {{'object_id', 'conversations'}}.")
     features = Features({"uid": Value("string"), "caption": Value("string"), "question": Value("string"),
                          "point_cloud": Array2D((None, 6), "float32"), "_error": Value("string")})
+    clouds = [] if streaming else [entry.path for entry in os.scandir(points_dir) if entry.name.endswith(".npy")]
     return _derive(records, lambda batch: pointllm_rows(batch, str(points_dir)), ["object_id", "conversations"],
-                   features, num_proc=num_proc, desc="Reading PointLLM clouds")
+                   features, num_proc=num_proc, desc="Reading PointLLM clouds", files=clouds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -327,5 +327,13 @@ class CGMLLMTrainer(Trainer):
             self._component_steps = 0
         return super().log(logs, *args, **kwargs)
 
+    def create_accelerator_and_postprocess(self):
+        # accelerate "dispatches" batches of iterable (streamed) data sets by default: it fetches each batch once and
+        # cuts every tensor to the batch size along dim 0. The collator's `shape_latents` / `pixel_values` are rows
+        # of all samples flattened (not batch-first), so cutting them truncates the batch. Left unset, it is off.
+        if self.args.accelerator_config.dispatch_batches is None:
+            self.args.accelerator_config.dispatch_batches = False
+        return super().create_accelerator_and_postprocess()
+
 
 __all__ = ["CGMLLMTrainer", "EMACallback", "EMA_WEIGHTS_NAME", "NonFiniteLossError", "load_ema_weights"]

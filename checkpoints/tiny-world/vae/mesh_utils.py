@@ -572,6 +572,38 @@ def simplify_mesh(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
     return mesh.simplify_quadric_decimation(face_count=int(max_faces))
 
 
+def sample_colored_points(source: MeshSource, num_points: int, seed: int | None = 0,
+                          default_color: float = 0.4) -> tuple[np.ndarray, bool]:
+    """Area-uniform surface points with the mesh's colours: `(P, 6)` float32 xyz + rgb in [0, 1].
+
+    The geometry is validated by [`load_mesh`]; the colours (vertex, face or texture) come from the same file or
+    object loaded with its visuals (paths, `trimesh.Scene`, `trimesh.Trimesh`; raw bytes give geometry only).
+    Sampling and colour lookup are trimesh's (`trimesh.sample.sample_surface(sample_color=True)`). Where the mesh has
+    no usable colours every point gets `default_color`. Returns the points and whether real colours were used.
+    """
+    geometry = load_mesh(source)
+    colored = geometry
+    if isinstance(source, trimesh.Trimesh):
+        colored = source
+    elif isinstance(source, (trimesh.Scene, str, os.PathLike)):
+        try:
+            scene = source if isinstance(source, trimesh.Scene) else trimesh.load_scene(os.fspath(source))
+            parts = [g for g in scene.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
+            colored = parts[0] if len(parts) == 1 else trimesh.util.concatenate(parts)
+        except Exception:  # visuals that trimesh cannot merge: fall back to the validated geometry, uncoloured
+            colored = geometry
+    if getattr(colored.visual, "kind", None) is not None:
+        try:
+            points, _, colors = trimesh.sample.sample_surface(colored, num_points, sample_color=True, seed=seed)
+            rgb = np.asarray(colors, dtype=np.float32)[:, :3] / 255.0
+            return np.concatenate([np.asarray(points, dtype=np.float32), rgb], axis=1), True
+        except Exception:  # e.g. a material without texture coordinates
+            pass
+    points, _ = trimesh.sample.sample_surface(colored, num_points, seed=seed)
+    rgb = np.full((num_points, 3), default_color, dtype=np.float32)
+    return np.concatenate([np.asarray(points, dtype=np.float32), rgb], axis=1), False
+
+
 __all__ = [
     "SUPPORTED_MESH_TYPES",
     "denormalize_mesh",
@@ -579,6 +611,7 @@ __all__ = [
     "normalize_mesh",
     "occupancy",
     "remove_floaters",
+    "sample_colored_points",
     "sample_sdf_points",
     "sample_sharp_edges",
     "sample_surface",
