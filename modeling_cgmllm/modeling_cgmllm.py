@@ -909,9 +909,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
                 f"({features.shape[0]})."
             )
-        weight = connector.fc1.weight
-        embeds = connector(features.to(device=weight.device, dtype=weight.dtype))
-        return embeds, torch.zeros(num_rows, device=weight.device), None, None
+        # The inputs' device (parameters may sit on `meta` under sequential offload; hooks move the inputs).
+        device = shape_row_mask.device
+        embeds = connector(features.to(device=device, dtype=connector.fc1.weight.dtype))
+        return embeds, torch.zeros(num_rows, device=device), None, None
 
     def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
                           generator):
