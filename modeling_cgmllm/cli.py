@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", default=None, help="image file (png, jpg, ...) to generate from instead")
     generate.add_argument("-o", "--output", default="out.glb", help="output mesh (glb, obj, ply, stl, off)")
     generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
-    generate.add_argument("--steps", type=int, default=50, help="Euler denoising steps")
+    generate.add_argument("--steps", type=int, default=49,
+                          help="Euler denoising steps (S steps = the official --num_timesteps S + 1)")
     generate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<=1: off)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     generate.add_argument("--num-shape-tokens", type=int, default=None,

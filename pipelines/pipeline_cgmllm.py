@@ -752,7 +752,8 @@ def check_component_agreement(components: dict, where="the pipeline") -> None:
                 problems.append(f"{name}: processor {token_id} vs model {getattr(config, name)}")
         rows = model.get_input_embeddings().weight.shape[0]
         if len(processor.tokenizer) > rows:
-            problems.append(f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {rows} embedding rows")
+            problems.append(f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {rows} "
+                            "embedding rows")
         image_processor, vision = processor.image_processor, config.vision_config
         for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
                              ("temporal_patch_size", "temporal_patch_size")):

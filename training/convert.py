@@ -354,5 +354,6 @@ def convert_script(argv=None) -> int:
     return 0
 
 
-__all__ = ["RENAMES", "build", "check_official_vocabulary", "describe_official_header", "read_official_header", "build_main", "build_script", "convert_main", "convert_official",
-           "convert_official_state_dict", "convert_script", "rename_official_key", "save_pipeline_folder"]
+__all__ = ["RENAMES", "build", "build_main", "build_script", "check_official_vocabulary", "convert_main",
+           "convert_official", "convert_official_state_dict", "convert_script", "describe_official_header",
+           "read_official_header", "rename_official_key", "save_pipeline_folder"]
