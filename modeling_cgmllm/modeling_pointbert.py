@@ -241,8 +241,10 @@ class PointBERTEncoder(PreTrainedModel):
                 f"PointBERT needs at least {max(config.num_group, config.group_size)} points per cloud "
                 f"(num_group={config.num_group}, group_size={config.group_size}), got {points.shape[1]}."
             )
-        points = points.to(self.reduce_dim.weight.dtype)
-        groups, centres = group_points(points, config.num_group, config.group_size, config.fps_start_index)
+        # Sampling and neighbours in float32 (bf16 distances would reorder near ties), the network in its own dtype.
+        groups, centres = group_points(points.float(), config.num_group, config.group_size, config.fps_start_index)
+        dtype = self.reduce_dim.weight.dtype
+        groups, centres = groups.to(dtype), centres.to(dtype)
         tokens = self.reduce_dim(self.encoder(groups))  # (B, G, trans_dim)
         batch_size = tokens.shape[0]
         x = torch.cat([self.cls_token.expand(batch_size, -1, -1), tokens], dim=1)

@@ -318,6 +318,47 @@ class CGMLLMProcessor(ProcessorMixin):
             surfaces.append(torch.as_tensor(np.asarray(surface), dtype=torch.float32))
         return torch.stack(surfaces)
 
+    def prepare_point_clouds(self, items, num_points: int = 8192, seed: int = 0,
+                             default_color: float = 0.4) -> torch.Tensor:
+        """Meshes or PointLLM clouds -> `(B, P, 6)` normalised xyz + rgb clouds, the official PointBERT input.
+
+        * a mesh (path, bytes, `trimesh.Trimesh`): `num_points` area-uniform surface points (trimesh's sampler,
+          seeded with `seed + index`) with the mesh's colours (vertex, face or texture colours, rgb in [0, 1]); a
+          mesh without colours gets constant grey `default_color` (0.4, the official code's value for colourless
+          clouds; the official PointBERT path itself only reads PointLLM files, which always carry colours);
+        * a PointLLM cloud (`.npy` path or array of shape `(P, 6)`, xyz + rgb in [0, 1]): used as it is (the
+          official path does not resample); all clouds of one call must have the same P.
+
+        Then PointLLM's `pc_norm`: xyz minus its mean, divided by the largest distance to it; rgb untouched.
+        """
+        import os
+
+        from .mesh_utils import sample_colored_points
+        from .modeling_pointbert import normalize_point_cloud
+
+        clouds = []
+        for index, item in enumerate(items if isinstance(items, (list, tuple)) else [items]):
+            if isinstance(item, (str, os.PathLike)) and os.fspath(item).endswith(".npy"):
+                try:
+                    item = np.load(os.fspath(item), allow_pickle=False)
+                except (OSError, ValueError) as error:
+                    raise ValueError(f"Could not read the point cloud {os.fspath(item)!r}: {error}") from error
+            if isinstance(item, (np.ndarray, torch.Tensor)):
+                cloud = torch.as_tensor(np.asarray(item, dtype=np.float32))
+                if cloud.ndim != 2 or cloud.shape[1] != 6:
+                    raise ValueError(
+                        f"A PointLLM point cloud must have shape (P, 6) (xyz + rgb in [0, 1]); item {index} has shape "
+                        f"{tuple(cloud.shape)}."
+                    )
+            else:
+                points, _ = sample_colored_points(item, num_points, seed=seed + index, default_color=default_color)
+                cloud = torch.from_numpy(points)
+            clouds.append(cloud)
+        sizes = sorted({cloud.shape[0] for cloud in clouds})
+        if len(sizes) > 1:
+            raise ValueError(f"The point clouds of one call must have the same number of points, got sizes {sizes}.")
+        return normalize_point_cloud(torch.stack(clouds))
+
 
 __all__ = [
     "CGMLLMProcessor",
