@@ -23,6 +23,7 @@ installed (the components then come from the files in their own folders).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -38,6 +39,8 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 logger = logging.get_logger(__name__)
@@ -65,6 +68,13 @@ _REMOTE_COMPONENTS = {
 POINT_CLOUD_SIZE = 8192
 DEFAULT_POINT_QUESTION = "What does this collection of points represent?"
 _VAE_FILES = ("modeling_shape_vae.py", "volume_decoding.py", "mesh_utils.py")
+# The file every component folder of a saved pipeline holds; `from_pretrained` checks them all before loading any.
+_COMPONENT_CONFIG_FILES = {
+    "model": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+    "processor": "tokenizer_config.json",
+}
 
 
 @dataclass
@@ -127,6 +137,38 @@ def _load_image(image, index: int):
         + (f" of shape {image.shape}" if hasattr(image, "shape") else "")
         + "."
     )
+
+
+class StopOnImmediateRepeat(StoppingCriteria):
+    """Ends a caption row as soon as its generated tokens end with a span of at least `min_span` tokens written
+    twice in a row ("pyramid lying pyramid lying"). A model shown something unlike its training data can loop like
+    this up to the token budget without ever emitting its end token, and repetition penalties or n-gram bans only
+    make it loop with variations; no trained caption holds such a repeat (on the tiny world: none of 7,005
+    captions repeats a span of 2 tokens or more back to back, while single tokens do, e.g. "ll" in "hollow")."""
+
+    def __init__(self, prompt_length: int, min_span: int = 2):
+        self.prompt_length = prompt_length
+        self.min_span = min_span
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :]
+        length = generated.shape[1]
+        done = torch.zeros(generated.shape[0], dtype=torch.bool, device=input_ids.device)
+        for span in range(self.min_span, length // 2 + 1):
+            done |= (generated[:, length - span :] == generated[:, length - 2 * span : length - span]).all(-1)
+        return done
+
+
+def cut_immediate_repeat(tokens: list[int], end_ids: set[int], min_span: int = 2) -> list[int]:
+    """`tokens` up to their first end token, without the second copy of the first span (>= `min_span` tokens) that
+    is repeated back to back: what remains of a row that `StopOnImmediateRepeat` stopped."""
+    for length in range(1, len(tokens) + 1):
+        if tokens[length - 1] in end_ids:
+            return tokens[: length - 1]
+        for span in range(min_span, length // 2 + 1):
+            if tokens[length - span : length] == tokens[length - 2 * span : length - span]:
+                return tokens[: length - span]
+    return tokens
 
 
 class CGMLLMPipeline(DiffusionPipeline):
@@ -304,6 +346,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         inputs = processor(text=texts, images=batch_images or None, padding_side="left",
                            image_to_shape=bool(batch_images)).to(device)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if prompt is not None:
+            self._warn_long_prompts(prompt, attention_mask[: len(prompt)].sum(-1).tolist())
         if input_ids.shape[1] == 0:  # every context empty: a one-token padding column keeps shapes valid
             pad = self.model.config.text_config.pad_token_id or 0
             input_ids = torch.full((len(texts), 1), pad, dtype=torch.long, device=device)
@@ -320,6 +364,21 @@ class CGMLLMPipeline(DiffusionPipeline):
         positions = out.position_ids.amax(0).masked_fill(attention_mask == 0, -1)
         rope_start = positions.amax(-1) + 1
         return {"cache": out.cache, "attention_mask": attention_mask, "rope_start": rope_start}
+
+    def _warn_long_prompts(self, prompts: list[str], lengths: list[int]) -> None:
+        """Warn (once per call) for prompts longer than any the model was trained on: they are accepted, but the
+        model has never seen such a context and tends to ignore or garble it."""
+        config = self.model.config
+        trained = getattr(config, "max_prompt_tokens", None)
+        limit = min(x for x in (trained, config.text_config.max_position_embeddings) if x is not None)
+        long = [(p, n) for p, n in zip(prompts, lengths) if n > limit]
+        if long:
+            prompt, length = max(long, key=lambda item: item[1])
+            logger.warning(
+                f"{len(long)} prompt(s) longer than the longest context the model was trained on ({limit} tokens): "
+                f"the longest has {length} tokens ({prompt[:60]!r}...). The model may ignore or garble it; shorter "
+                "prompts like the training captions work best."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Latents
@@ -370,13 +429,28 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         return out.velocity.view(rows, -1, latents.shape[-1])
 
+    def _denoising_progress_bar(self, total: int):
+        """diffusers' step bar (`set_progress_bar_config` applies), labelled."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", "denoising")
+        return tqdm(total=total, unit=" steps", **config)
+
+    def _meshing_progress_bar(self):
+        """A tqdm bar counting field queries (None when progress bars are disabled), as a context manager."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        if config.get("disable"):
+            return contextlib.nullcontext()
+        config.setdefault("desc", "meshing")
+        return tqdm(total=None, unit=" points", unit_scale=True, **config)
+
     @staticmethod
     def _conditional_rows(context: dict[str, Any], batch_size: int) -> dict[str, Any]:
         """The first `batch_size` rows (the conditional branch) of a prefilled `[cond ; uncond]` context: steps
         outside the guidance interval run only these rows instead of computing the unconditional ones and discarding
         them. The KV cache is copied once per block (its rows are not contiguous per layer otherwise)."""
         cache = context["cache"]
-        rows = type(cache)(ddp_cache_data=[(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers])
+        layers = [(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers]
+        rows = type(cache)(ddp_cache_data=layers)
         return {"cache": rows, "attention_mask": context["attention_mask"][:batch_size],
                 "rope_start": context["rope_start"][:batch_size]}
 
@@ -412,7 +486,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sigmas: list[float] | None = None,
         output_type: str = "trimesh",
-        octree_resolution: int = 256,
+        octree_resolution: int = 128,
         mc_level: float = 0.0,
         mesh_kwargs: dict | None = None,
         return_dict: bool = True,
@@ -446,7 +520,9 @@ class CGMLLMPipeline(DiffusionPipeline):
                 and appends the terminal 0). None = the official grid `linspace(1, 0, S + 1)[:-1]`
                 ([`official_flow_sigmas`]); pass e.g. the scheduler's own spacing explicitly to sample differently.
             output_type: `"trimesh"` (decode with the VAE) or `"latent"`.
-            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh`.
+            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh` (128 cells per axis by
+                default, as the `cgmllm generate` command line: ample for N <= 1024 latents; the official release
+                meshes at 512).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
 
         Returns:
@@ -511,7 +587,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         low, high = guidance_interval if guidance_interval is not None else (-1.0, 1.0)
         blocks = []
-        with self.progress_bar(total=num_blocks * len(timesteps)) as progress_bar:
+        with self._denoising_progress_bar(num_blocks * len(timesteps)) as progress_bar:
             for j in range(num_blocks):
                 block_ids = self._block_input_ids(branches * batch_size, j, num_blocks, shape_block_size, device)
                 x = latents[:, j * shape_block_size : (j + 1) * shape_block_size]
@@ -549,10 +625,14 @@ class CGMLLMPipeline(DiffusionPipeline):
         # 6. Decode.
         meshes = None
         if output_type == "trimesh":
-            meshes = self.vae.latents_to_mesh(
-                latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
-                **(mesh_kwargs or {}),
-            )
+            # Field queries of the volume decoding: the total is not known in advance (coarse-to-fine extraction
+            # queries only near the surface), so the bar counts points.
+            with self._meshing_progress_bar() as meshing_bar:
+                meshes = self.vae.latents_to_mesh(
+                    latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
+                    **({"progress_callback": meshing_bar.update} if meshing_bar is not None else {}),
+                    **(mesh_kwargs or {}),
+                )
         self.maybe_free_model_hooks()
         if not return_dict:
             return meshes, latents
@@ -607,6 +687,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         prompt: str | None = None,
         max_new_tokens: int = 64,
         num_shape_tokens: int | None = None,
+        stop_on_repetition: bool = True,
         **generate_kwargs,
     ) -> list[str]:
         """Describe images (TokenAR, as Qwen3-VL) or meshes in text.
@@ -622,6 +703,8 @@ class CGMLLMPipeline(DiffusionPipeline):
             prompt: the question; defaults to "Describe this image." / "Describe this 3D object." (VAE path) /
                 the official "What does this collection of points represent?" (PointBERT path).
             max_new_tokens: generation budget; greedy decoding unless `generate_kwargs` say otherwise.
+            stop_on_repetition: end a caption where it starts repeating a span of 2+ tokens back to back, and drop
+                the repeated copy ([`StopOnImmediateRepeat`]), instead of looping up to `max_new_tokens`.
 
         Returns:
             One caption per input.
@@ -655,12 +738,20 @@ class CGMLLMPipeline(DiffusionPipeline):
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
         prompt_length = inputs["input_ids"].shape[1]
+        if stop_on_repetition:
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            criteria.append(StopOnImmediateRepeat(prompt_length))
+            generate_kwargs["stopping_criteria"] = criteria
         generated = self.model.generate(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
             pad_token_id=processor.tokenizer.pad_token_id, **extra, **generate_kwargs,
         )
         self.maybe_free_model_hooks()
-        return processor.decode_captions(generated[:, prompt_length:])
+        rows = generated[:, prompt_length:].tolist()
+        if stop_on_repetition:
+            end_ids = {processor.token_id(processor.text_end_token), processor.tokenizer.pad_token_id}
+            rows = [cut_immediate_repeat(row, end_ids) for row in rows]
+        return processor.decode_captions(rows)
 
     def _offload_now(self, component) -> None:
         """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
@@ -768,6 +859,15 @@ class CGMLLMPipeline(DiffusionPipeline):
             path = Path(huggingface_hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
         if not (path / "model_index.json").is_file():
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        missing = [
+            f"{name}/{file}" for name, file in _COMPONENT_CONFIG_FILES.items()
+            if name not in kwargs and not (path / name / file).is_file()
+        ]
+        if missing:  # before anything is built: a model without its config would be built at the default size
+            raise OSError(
+                f"{path} is not a complete CGMLLMPipeline folder: {', '.join(missing)} missing. Save one with "
+                "`CGMLLMPipeline.save_pretrained`, or pass the missing components as arguments."
+            )
         dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
         loaders = {
             "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(p, dtype=dtype),
@@ -779,9 +879,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            from cgmllm import PointBERTEncoder
-
-            components["point_encoder"] = PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
         check_component_agreement(components, path)
         kwargs.pop("trust_remote_code", None)
         if kwargs:
@@ -821,4 +919,11 @@ def check_component_agreement(components: dict, where="the pipeline") -> None:
         raise ValueError(f"The components of {where} do not belong together: " + "; ".join(problems) + ".")
 
 
-__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput", "check_component_agreement", "official_flow_sigmas"]
+__all__ = [
+    "CGMLLMPipeline",
+    "CGMLLMPipelineOutput",
+    "StopOnImmediateRepeat",
+    "check_component_agreement",
+    "cut_immediate_repeat",
+    "official_flow_sigmas",
+]
