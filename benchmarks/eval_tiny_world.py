@@ -12,7 +12,12 @@ Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tin
   text -> 3D family rows (with `--vae FOLDER`, for that ShapeVAE, e.g. a `train_vae` output, and nothing else);
 * text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
-* mesh -> caption: family-word accuracy, BLEU-1 and ROUGE-L (PointLLM protocol) against the paraphrases;
+* p-FID / p-KID (Point-E's protocol, `cgmllm.evaluation`) of the text -> 3D and image -> 3D shapes against the
+  held-out ground-truth meshes, with the tiny world's PointNet++ (`--pointnet`, default the shipped
+  `checkpoints/tiny-world-pointnet`), next to the same distance for as many training-split shapes (the floor a
+  generator of the training distribution would reach with that many shapes);
+* mesh -> caption: family-word accuracy, BLEU-1, ROUGE-L and METEOR (`cgmllm.evaluation.caption_metrics`, PointLLM's
+  protocol) against the paraphrases;
 * image -> caption and image -> 3D on the rendered views of the same held-out objects (the data set's camera);
 * block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each;
 * with `--by-prompt`, a second table: text -> 3D family accuracy per prompt, worst first.
@@ -36,12 +41,14 @@ def print_table(title: str, table: list[tuple[str, str]], start: float) -> None:
 def main(argv=None) -> int:
     from cgmllm import CGMLLMPipeline
     from cgmllm.cli import default_model_dir
+    from cgmllm.evaluation import tiny_world_pointnet_path
     from cgmllm.modeling_shape_vae import ShapeVAE
-    from cgmllm.training.tiny_world import load_tiny_world
+    from cgmllm.training.tiny_world import load_tiny_world, make_tiny_world_specs
     from cgmllm.training.tiny_world.evaluation import (
         family_accuracy_by_prompt,
         heldout_rows,
         image_to_caption,
+        point_cloud_distances,
         render_view,
         shape_to_caption,
         single_shape_rows,
@@ -63,6 +70,8 @@ def main(argv=None) -> int:
                         help="no global renorm of the guided velocity (the official sampler renorms)")
     parser.add_argument("--vae", default=None,
                         help="a ShapeVAE folder (e.g. train_vae's OUT/vae): measure only its round trip")
+    parser.add_argument("--pointnet", default=None,
+                        help="PointNet++ checkpoint in Point-E's layout for p-FID / p-KID (default: the tiny world's)")
     parser.add_argument("--octree-resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -81,6 +90,7 @@ def main(argv=None) -> int:
     if args.vae:
         # Only the round trip is meaningful: the pipeline's model was trained on its own VAE's latents.
         pipe.vae = ShapeVAE.from_pretrained(args.vae).eval().requires_grad_(False)
+    pointnet = args.pointnet or tiny_world_pointnet_path()
     test = load_tiny_world(args.data, "test") if args.data else heldout_rows()
     rows = single_shape_rows(test, args.num)
     novel, seen = single_shape_rows(test, args.num, "novel"), single_shape_rows(test, args.num, "seen")
@@ -107,15 +117,27 @@ def main(argv=None) -> int:
         result = text_to_shape(pipe, subset, **generate)
         if name == "all":
             by_prompt = family_accuracy_by_prompt(result["predictions"])
+            text_meshes = result["meshes"]
         table += [(f"text->3D family accuracy, {name} ({result['count']})", f"{result['family_accuracy']:.0%}"),
                   (f"text->3D proportion accuracy, {name}", f"{result['proportion_accuracy']:.0%}"),
                   (f"text->3D orientation accuracy, {name}", f"{result['orientation_accuracy']:.0%}")]
+    references = [row["mesh"] for row in rows]
+    if pointnet is not None:
+        distances = point_cloud_distances(text_meshes, references, pointnet, seed=args.seed)
+        train_meshes = [spec.to_mesh() for spec in make_tiny_world_specs(len(rows), 0, args.seed)["train"]]
+        floor = point_cloud_distances(train_meshes, references, pointnet, seed=args.seed)
+        table += [(f"text->3D p-FID / p-KID x100 vs held-out ground truth ({distances['count']} vs "
+                   f"{distances['num_references']}, {distances['num_empty']} empty)",
+                   f"{distances['p_fid']:.2f} / {100 * distances['p_kid']:.2f}"),
+                  (f"training shapes p-FID / p-KID x100 vs held-out ground truth ({floor['count']}, the floor)",
+                   f"{floor['p_fid']:.2f} / {100 * floor['p_kid']:.2f}")]
     if args.verbose:
         print("mesh -> caption:")
     captions = shape_to_caption(pipe, rows, verbose=args.verbose)
     table += [(f"mesh->caption family-word accuracy ({captions['count']})", f"{captions['family_word_accuracy']:.0%}"),
               ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
-              ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+              ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}"),
+              ("mesh->caption METEOR", f"{captions['meteor']:.1f}")]
     views = [dict(row, image=render_view(row)) for row in rows]  # rendered once for both image measurements
     if args.verbose:
         print("image -> caption:")
@@ -123,13 +145,18 @@ def main(argv=None) -> int:
     table += [(f"image->caption family-word accuracy ({captions['count']})",
                f"{captions['family_word_accuracy']:.0%}"),
               ("image->caption BLEU-1", f"{captions['bleu1']:.1f}"),
-              ("image->caption ROUGE-L", f"{captions['rouge_l']:.1f}")]
+              ("image->caption ROUGE-L", f"{captions['rouge_l']:.1f}"),
+              ("image->caption METEOR", f"{captions['meteor']:.1f}")]
     if args.verbose:
         print("image -> 3D:")
     result = text_to_shape(pipe, views, **generate, condition="image")
     table += [(f"image->3D family accuracy ({result['count']})", f"{result['family_accuracy']:.0%}"),
               ("image->3D proportion accuracy", f"{result['proportion_accuracy']:.0%}"),
               ("image->3D orientation accuracy", f"{result['orientation_accuracy']:.0%}")]
+    if pointnet is not None:
+        distances = point_cloud_distances(result["meshes"], references, pointnet, seed=args.seed)
+        table.append((f"image->3D p-FID / p-KID x100 vs held-out ground truth ({distances['count']}, "
+                      f"{distances['num_empty']} empty)", f"{distances['p_fid']:.2f} / {100 * distances['p_kid']:.2f}"))
 
     few = rows[: args.num_token]
     block = text_to_shape(pipe, few, **{**generate, "verbose": False}, batch_size=1)

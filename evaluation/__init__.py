@@ -19,6 +19,7 @@ from .point_cloud_metrics import (
     normalize_point_clouds,
     pointnet_features,
     sample_point_clouds,
+    tiny_world_pointnet_path,
 )
 
 
@@ -33,4 +34,5 @@ __all__ = [
     "normalize_point_clouds",
     "pointnet_features",
     "sample_point_clouds",
+    "tiny_world_pointnet_path",
 ]

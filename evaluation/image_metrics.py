@@ -97,15 +97,21 @@ class CLIPScorer:
 
 
 def iqa_scores(images: Sequence[Image.Image], metric: str = "clipiqa+",
-               pretrained_model_path: str | os.PathLike | None = None, device: str = "cpu") -> list[float]:
+               pretrained_model_path: str | os.PathLike | None = None, device: str = "cpu", **metric_options
+               ) -> list[float]:
     """No-reference image quality of each image with pyiqa's `metric` (`"clipiqa+"` or `"musiq"`, or any pyiqa
-    name). `pretrained_model_path`: a local weights file (pyiqa downloads its default weights otherwise)."""
+    name). `pretrained_model_path`: a local weights file for pyiqa's architecture. Without it pyiqa takes its
+    default weights from its cache folder (`<torch hub dir>/pyiqa`, e.g. CLIP-IQA+'s learned prompts and OpenAI's
+    `RN50.pt` put there by hand) and downloads them where they are missing. `metric_options` go to the pyiqa
+    architecture (e.g. `pretrained=False`, `backbone=<local CLIP file>` for CLIP-IQA+)."""
     try:
         import pyiqa
     except ImportError as error:
         raise ValueError(f"{metric} needs pyiqa (`pip install pyiqa` with the torchvision matching your torch; "
                          "PolyForm Noncommercial licence).") from error
-    kwargs = {"pretrained_model_path": os.fspath(pretrained_model_path)} if pretrained_model_path else {}
+    kwargs = dict(metric_options)
+    if pretrained_model_path:
+        kwargs["pretrained_model_path"] = os.fspath(pretrained_model_path)
     try:
         scorer = pyiqa.create_metric(metric, device=torch.device(device), as_loss=False, **kwargs)
     except Exception as error:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,20 @@ POINT_E_BATCH_SIZE = 64
 DEFAULT_NUM_POINTS = 4096
 #: The first set-abstraction level samples 512 centres.
 MIN_POINTS = 512
+#: The tiny world's PointNet++ (Point-E's layout), shipped next to the tiny-world pipeline.
+TINY_WORLD_POINTNET = "checkpoints/tiny-world-pointnet/pointnet.pt"
+
+
+def tiny_world_pointnet_path() -> Path | None:
+    """The shipped tiny-world PointNet++ checkpoint (`cgmllm/checkpoints/...` in a wheel, or the repository's
+    `checkpoints/...`), or None."""
+    import cgmllm
+
+    here = Path(cgmllm.__file__).resolve().parent
+    for root in (here, here.parent):
+        if (root / TINY_WORLD_POINTNET).is_file():
+            return root / TINY_WORLD_POINTNET
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -88,7 +90,8 @@ class CGMLLMCausalLMOutputWithPast(ModelOutput):
 
     Args:
         loss: `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` over the terms that are present.
-        logits: `(batch, seq_len or logits_to_keep, vocab)`.
+        logits: `(batch, seq_len or logits_to_keep, vocab)`; with `labels`, only the rows that predict a label:
+            `(num_label_tokens, vocab)` in row-major order (see [`cgmllm_loss`]).
         cache: the KV cache.
         hidden_states / attentions: as in [`CGMLLMModelOutputWithPast`].
         lm_loss: next-token cross-entropy over the `labels` that are not -100.
@@ -112,6 +115,44 @@ class CGMLLMCausalLMOutputWithPast(ModelOutput):
     flow_loss_mask: torch.BoolTensor | None = None
     shape_timesteps: torch.FloatTensor | None = None
     position_ids: torch.LongTensor | None = None
+
+
+def cgmllm_loss(
+    logits: torch.Tensor | None,
+    target_ids: torch.LongTensor | None,
+    velocity: torch.Tensor | None,
+    velocity_target: torch.Tensor | None,
+    flow_loss_mask: torch.BoolTensor | None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    num_shape_rows_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """CG-MLLM's two loss terms: the one definition, used by the model's forward (and so by `CGMLLMTrainer`).
+
+    lm_loss   = sum of the token cross-entropies (float32) / `num_items_in_batch`
+    flow_loss = sum over target latent rows of the channel-mean squared velocity error (float32)
+                / `num_shape_rows_in_batch`
+
+    The counts default to this batch's own. The Trainer passes the whole optimizer step's (every gradient-accumulation
+    micro-batch on every process), so accumulating micro-batches or splitting a batch over processes gives the
+    gradient of one big batch. A term is None when this batch has no item of its kind.
+
+    Args:
+        logits: `(num_label_tokens, vocab)` the predictions of the labelled next tokens only.
+        target_ids: `(num_label_tokens,)` their labels.
+        velocity / velocity_target: `(num_latent_rows, channels)`; flow_loss_mask: `(num_latent_rows,)`.
+    """
+    lm_loss = flow_loss = None
+    if logits is not None and target_ids is not None and target_ids.numel() > 0:
+        count = target_ids.numel() if num_items_in_batch is None else num_items_in_batch
+        lm_sum = F.cross_entropy(logits.float(), target_ids.to(logits.device), reduction="sum")
+        lm_loss = lm_sum / torch.as_tensor(count, device=lm_sum.device)
+    if velocity_target is not None and flow_loss_mask is not None:
+        per_row = (velocity.float() - velocity_target.float().to(velocity.device)).pow(2).mean(-1)
+        per_row = per_row[flow_loss_mask.to(per_row.device)]
+        if per_row.numel() > 0:
+            count = per_row.numel() if num_shape_rows_in_batch is None else num_shape_rows_in_batch
+            flow_loss = per_row.sum() / torch.as_tensor(count, device=per_row.device)
+    return lm_loss, flow_loss
 
 
 class CGMLLMTimestepEmbedder(nn.Module):
@@ -144,35 +185,68 @@ class CGMLLMTimestepEmbedder(nn.Module):
         return self.mlp(features)
 
 
-class ExpertRouting:
-    """Sends each row of a `(batch, seq_len, dim)` tensor to its expert.
+class CGMLLMUnderstandingConnector(nn.Module):
+    """3D-understanding features (e.g. PointBERT's `(513, 1152)`) -> LLM rows: `fc2(gelu_tanh(fc1(x)))`.
 
-    `block_ar_mask` is True at 3D latent rows (BlockAR) and False elsewhere (TokenAR). When a forward holds one kind
-    of row only (plain text, or a denoising query without markers) the whole tensor goes to one expert, without any
-    gather/scatter, which keeps the TokenAR path bit-identical to Qwen3-VL.
+    The official `obj_und_connector` (key names `fc1` / `fc2`). No timestep embedding is added to its rows: they are
+    clean context, not noisy latents.
     """
 
-    def __init__(self, block_ar_mask: torch.BoolTensor):
-        self.block_ar_mask = block_ar_mask
-        flat = block_ar_mask.reshape(-1)
-        self.num_block_ar = int(flat.sum())
-        self.num_rows = flat.numel()
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_size)
+        self.act = ACT2FN["gelu_pytorch_tanh"]
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(features)))
+
+
+class ExpertRouting:
+    """Sends each row of a `(batch, seq_len, dim)` tensor to its expert, each expert running on one contiguous slice.
+
+    Built once per forward (as MoE token sorting): a stable sort puts the TokenAR rows first and the BlockAR rows
+    (3D latent rows, `block_ar_mask` True) after them, both in sequence order. Every call then gathers the rows once
+    into that order, runs each expert on its slice and puts the rows back with the inverse permutation.
+
+    No host synchronisation: the slice sizes come from `num_block_ar`, which the caller knows on the host (the number
+    of latent rows it embedded). The permutation is moved to the device of the rows it is applied to (and kept there),
+    so a layer placed on another GPU by a `device_map` gets its own copy. When a forward holds one kind of row only
+    (plain text, or a denoising query without markers) the whole tensor goes to one expert, without any
+    gather/scatter, which keeps the TokenAR path bit-identical to Qwen3-VL.
+
+    Args:
+        block_ar_mask: `(batch, seq_len)` True at BlockAR rows.
+        num_block_ar: the number of True values in `block_ar_mask`.
+    """
+
+    def __init__(self, block_ar_mask: torch.BoolTensor, num_block_ar: int):
+        self.num_rows = block_ar_mask.numel()
+        self.num_block_ar = int(num_block_ar)
+        self.num_token_ar = self.num_rows - self.num_block_ar
+        self._permutations: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if 0 < self.num_block_ar < self.num_rows:
-            self.block_ar_index = flat.nonzero().squeeze(-1)
-            self.token_ar_index = (~flat).nonzero().squeeze(-1)
+            order = torch.argsort(block_ar_mask.reshape(-1).to(torch.uint8), stable=True)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(self.num_rows, device=order.device)
+            self._permutations[order.device] = (order, inverse)
+
+    def _permutation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._permutations:
+            order, inverse = next(iter(self._permutations.values()))
+            self._permutations[device] = (order.to(device), inverse.to(device))
+        return self._permutations[device]
 
     def __call__(self, hidden_states: torch.Tensor, token_ar_fn: Callable, block_ar_fn: Callable) -> torch.Tensor:
         if self.num_block_ar == 0:
             return token_ar_fn(hidden_states)
-        if self.num_block_ar == self.num_rows:
+        if self.num_token_ar == 0:
             return block_ar_fn(hidden_states)
+        order, inverse = self._permutation(hidden_states.device)
         leading_shape = hidden_states.shape[:-1]
-        flat = hidden_states.reshape(self.num_rows, hidden_states.shape[-1])
-        token_rows = token_ar_fn(flat.index_select(0, self.token_ar_index))
-        block_rows = block_ar_fn(flat.index_select(0, self.block_ar_index))
-        out = token_rows.new_zeros(self.num_rows, *token_rows.shape[1:])
-        out = out.index_copy(0, self.token_ar_index, token_rows).index_copy(0, self.block_ar_index, block_rows)
-        return out.reshape(*leading_shape, *token_rows.shape[1:])
+        rows = hidden_states.reshape(self.num_rows, hidden_states.shape[-1]).index_select(0, order)
+        out = torch.cat([token_ar_fn(rows[: self.num_token_ar]), block_ar_fn(rows[self.num_token_ar :])])
+        return out.index_select(0, inverse).reshape(*leading_shape, *out.shape[1:])
 
 
 class CGMLLMTextAttention(nn.Module):
@@ -389,7 +463,7 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         """
         kwargs.pop("output_hidden_states", None)  # read by `capture_outputs`; the attention kernels take no such flag
         if routing is None:
-            routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool))
+            routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool), 0)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 
@@ -450,6 +524,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         hidden_size = config.text_config.hidden_size
         self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
         self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
+        if config.point_feature_dim is not None:
+            self.obj_und_connector = CGMLLMUnderstandingConnector(config.point_feature_dim, hidden_size)
         self.rope_deltas = None
         self.post_init()
 
@@ -613,6 +689,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
@@ -651,6 +728,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             shape_latents: `(num_latent_rows, C)` (or a list of `(N_i, C)` per object), one row per `<|obj_pad|>` in
                 row-major order. Clean latents `x0` unless `shape_timesteps` is given, in which case they are the
                 noisy `x_t` at those times.
+            point_features: `(num_latent_rows, point_feature_dim)` (or `(B, rows, dim)`), 3D-understanding features
+                (PointBERT's, cls row first) for the `<|obj_pad|>` rows instead of `shape_latents`, the official
+                3D-captioning input: `obj_und_connector` only (no timestep embedding), a clean bidirectional block
+                through BlockAR with one rope id, the markers through TokenAR.
             shape_timesteps: `(num_latent_rows,)` flow time of every latent row, or one value `(1,)` shared by all
                 rows (a denoising step; its embedding is computed once). When omitted, the forward draws a
                 logit-normal `t` per block for the rows in `shape_loss_mask` (noise `eps`, `x_t = (1-t) x0 + t eps`,
@@ -714,17 +795,22 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             if shape_block_ids is None:
                 shape_block_ids = self.get_shape_block_ids(input_ids)
             shape_row_mask = input_ids == config.obj_pad_token_id
-        shape_out = self._embed_shape_rows(
-            shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
-        )
+        if point_features is not None:
+            shape_out = self._embed_point_rows(shape_row_mask, point_features, shape_latents)
+        else:
+            shape_out = self._embed_shape_rows(
+                shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask, generator
+            )
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
+            num_shape_rows = shape_embeds.shape[0]  # known on the host: routing needs no device sync
             inputs_embeds = inputs_embeds.masked_scatter(
                 shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds)
             )
             noisy_shape_mask = self._noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps)
         else:
             velocity_target = flow_loss_mask = None
+            num_shape_rows = 0
             noisy_shape_mask = torch.zeros_like(shape_row_mask)
 
         # 2. Packed samples and positions: one id per 3D block, Qwen3-VL grids for images.
@@ -775,7 +861,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=mask,
-            routing=ExpertRouting(shape_row_mask),
+            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows),
             cache=cache,
             update_cache=update_cache,
             visual_pos_masks=visual_pos_masks,
@@ -790,11 +876,43 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             shape_row_mask=shape_row_mask,
-            shape_timesteps=shape_timesteps if shape_out is not None else None,
+            # Understanding rows (point features) are context only: no velocity is read from them.
+            shape_timesteps=shape_timesteps if shape_out is not None and point_features is None else None,
             velocity_target=velocity_target,
             flow_loss_mask=flow_loss_mask,
             position_ids=position_ids,
         )
+
+    def _embed_point_rows(self, shape_row_mask, point_features, shape_latents):
+        """`obj_und_connector(point_features)` for the `<|obj_pad|>` rows (clean context, t = 0, no timestep
+        embedding). Returns `(embeds (S, hidden), zeros (S,), None, None)` like `_embed_shape_rows`."""
+        if shape_latents is not None:
+            raise ValueError("Pass either `shape_latents` or `point_features` for the `<|obj_pad|>` rows, not both.")
+        connector = getattr(self, "obj_und_connector", None)
+        if connector is None:
+            raise ValueError(
+                "`point_features` were given but this model has no `obj_und_connector` (config.point_feature_dim is "
+                "None); caption meshes from ShapeVAE latents with `shape_latents` instead."
+            )
+        features = torch.as_tensor(point_features)
+        if features.ndim == 3:
+            features = features.reshape(-1, features.shape[-1])
+        width = self.config.point_feature_dim
+        if features.ndim != 2 or features.shape[-1] != width:
+            raise ValueError(
+                f"`point_features` must have shape (num_rows, {width}) (config.point_feature_dim), got "
+                f"{tuple(torch.as_tensor(point_features).shape)}."
+            )
+        num_rows = int(shape_row_mask.sum())
+        if features.shape[0] != num_rows:
+            raise ValueError(
+                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
+                f"({features.shape[0]})."
+            )
+        # The inputs' device (parameters may sit on `meta` under sequential offload; hooks move the inputs).
+        device = shape_row_mask.device
+        embeds = connector(features.to(device=device, dtype=connector.fc1.weight.dtype))
+        return embeds, torch.zeros(num_rows, device=device), None, None
 
     def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
                           generator):
@@ -915,6 +1033,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         shape_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        point_features: torch.Tensor | None = None,
         shape_timesteps: torch.Tensor | None = None,
         shape_loss_mask: torch.BoolTensor | None = None,
         shape_block_ids: torch.LongTensor | None = None,
@@ -934,7 +1053,12 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
         Args:
             labels: `(batch, seq_len)` next-token labels aligned with `input_ids` (-100 = ignored; shifted inside).
-            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all).
+                With labels, `lm_head` runs only on the rows that predict a label (a training batch's latent rows
+                and prompt never reach the 151,936-way vocabulary projection), and `logits` holds those rows.
+            logits_to_keep: without labels, compute logits for the last `logits_to_keep` positions only (0 = all;
+                `generate` and the pipeline pass 1).
+            num_items_in_batch / num_shape_rows_in_batch: the denominators of the two loss terms (see
+                [`cgmllm_loss`]); default: this batch's label tokens / target latent rows.
             return_dict (keyword, defaults to `config.return_dict`): False returns `output.to_tuple()`, i.e.
                 `(loss, logits, ...)` without the fields that are None, as every transformers model does.
 
@@ -943,6 +1067,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         """
         cache = kwargs.pop("past_key_values", cache)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        num_shape_rows_in_batch = kwargs.pop("num_shape_rows_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -952,6 +1077,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             shape_latents=shape_latents,
+            point_features=point_features,
             shape_timesteps=shape_timesteps,
             shape_loss_mask=shape_loss_mask,
             shape_block_ids=shape_block_ids,
@@ -970,21 +1096,22 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         if outputs.shape_timesteps is not None:
             velocity = self.llm2obj(hidden_states[outputs.shape_row_mask]).float()
 
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        target_ids = None
+        if labels is not None:
+            # Row i predicts label i + 1; only labelled rows go through lm_head.
+            labels = labels.to(hidden_states.device)
+            label_mask = labels[:, 1:] != -100
+            target_ids = labels[:, 1:][label_mask]
+            logits = self.lm_head(hidden_states[:, :-1][label_mask])
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
 
-        lm_loss = flow_loss = None
         # A generation-only batch (every label -100) has no CE term rather than a NaN one.
-        if labels is not None and bool((labels[..., 1:] != -100).any()):
-            lm_loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
-        if outputs.velocity_target is not None and bool(outputs.flow_loss_mask.any()):
-            per_row = (velocity - outputs.velocity_target).pow(2).mean(-1)
-            flow_loss = per_row[outputs.flow_loss_mask].mean()
+        lm_loss, flow_loss = cgmllm_loss(
+            logits, target_ids, velocity, outputs.velocity_target, outputs.flow_loss_mask,
+            num_items_in_batch=num_items_in_batch, num_shape_rows_in_batch=num_shape_rows_in_batch,
+        )
         loss = None
         if lm_loss is not None or flow_loss is not None:
             loss = 0.0
@@ -1011,7 +1138,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------------
     # Text generation (captioning) through GenerationMixin
     # ----------------------------------------------------------------------------------------------------------------
-    _SHAPE_INPUTS = ("shape_latents", "shape_timesteps", "shape_loss_mask", "shape_block_ids", "packed_sample_ids")
+    _SHAPE_INPUTS = ("shape_latents", "point_features", "shape_timesteps", "shape_loss_mask", "shape_block_ids",
+                     "packed_sample_ids")
 
     def prepare_inputs_for_generation(
         self,
@@ -1092,6 +1220,12 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
                     value = torch.as_tensor(value).reshape(-1)
                     # A single value applies to every row and needs no copies.
                     flat[name] = value if value.numel() == 1 else repeat_chunks(value, rows_per_prompt, name)
+        point_features = model_kwargs.pop("point_features", None)
+        if point_features is not None:
+            point_features = torch.as_tensor(point_features)
+            point_features = point_features.reshape(-1, point_features.shape[-1])
+            rows_per_prompt = (input_ids == config.obj_pad_token_id).sum(-1).tolist()
+            flat["point_features"] = repeat_chunks(point_features, rows_per_prompt, "point_features")
 
         pixel_values = model_kwargs.pop("pixel_values", None)
         image_grid_thw = model_kwargs.pop("image_grid_thw", None)
@@ -1160,6 +1294,21 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         else:
             return text_positions
         return torch.cat([text_positions.reshape(1, *rope.shape[1:]), rope], dim=0)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a local folder without `config.json` (unless a `config` is
+        passed): transformers would otherwise build the default configuration, a 2B-shaped model of about 22 GB,
+        before it finds that the weights do not fit."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            raise OSError(
+                f"{folder} has no config.json: it is not a saved CG-MLLM model folder. Pass the folder written by "
+                "`save_pretrained` (in a pipeline folder, its `model/` subfolder), or pass `config=`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
         # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
@@ -1234,7 +1383,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(qwen_state, strict=False)
         if unexpected:
             raise ValueError(f"Qwen3-VL weights with no place in CG-MLLM: {sorted(unexpected)[:10]} ...")
-        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "llm2obj.")
+        fresh_prefixes = ("model.obj2llm.", "model.time_embedder.", "model.obj_und_connector.", "llm2obj.")
         not_loaded = [
             k for k in missing if "_block_ar" not in k and not k.startswith(fresh_prefixes) and k != "lm_head.weight"
         ]
@@ -1257,6 +1406,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "cgmllm_loss",
+    "CGMLLMUnderstandingConnector",
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",
     "CGMLLMPreTrainedModel",

@@ -36,7 +36,16 @@ class CGMLLMProcessor(ProcessorMixin):
         tokenizer: a tokenizer that knows `<|im_start|>`, `<|im_end|>`, the vision tokens and the 3D tokens
             (`<|obj_start|>`, `<|obj_end|>`, `<|obj_pad|>`; see [`CGMLLMProcessor.add_shape_tokens`]).
         num_shape_tokens (`int`, defaults to 4096): latent rows a `<shape>` expands to when no count is given.
+        image_preprocessing (`str`, defaults to `"qwen3_vl"`): how images become pixel values.
+            `"qwen3_vl"`: the image processor's own resize bounds and normalisation (what checkpoints trained with
+            this package's processor, e.g. the tiny world, expect); transparent pixels are composited onto white.
+            `"official"`: the official CG-MLLM rule (`image_processing_cgmllm`: long side <= 980, short side >= 224,
+            multiples of 32, bicubic, mean = std = 0.5, and a JPEG q85 round trip for image -> 3D), which the
+            released weights expect; `cgmllm-convert-official` writes it. Only the image processor's
+            `patch_size`, `merge_size` and `temporal_patch_size` are used then.
     """
+
+    IMAGE_PREPROCESSING = ("qwen3_vl", "official")
 
     image_token = "<|image_pad|>"
     vision_start_token = "<|vision_start|>"
@@ -48,8 +57,13 @@ class CGMLLMProcessor(ProcessorMixin):
     text_end_token = "<|im_end|>"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_shape_tokens: int = 4096,
-                 **kwargs):
+                 image_preprocessing: str = "qwen3_vl", **kwargs):
+        if image_preprocessing not in self.IMAGE_PREPROCESSING:
+            raise ValueError(
+                f"`image_preprocessing` must be one of {self.IMAGE_PREPROCESSING}, got {image_preprocessing!r}."
+            )
         self.num_shape_tokens = num_shape_tokens
+        self.image_preprocessing = image_preprocessing
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         missing = [
             token
@@ -73,14 +87,16 @@ class CGMLLMProcessor(ProcessorMixin):
         return tokenizer.convert_tokens_to_ids(list(SHAPE_SPECIAL_TOKENS))
 
     @classmethod
-    def from_qwen3_vl(cls, pretrained_model_name_or_path, num_shape_tokens: int = 4096, **kwargs):
+    def from_qwen3_vl(cls, pretrained_model_name_or_path, num_shape_tokens: int = 4096,
+                      image_preprocessing: str = "qwen3_vl", **kwargs):
         """A CG-MLLM processor from a local Qwen3-VL folder: its tokenizer (+ 3D tokens) and image processor."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         cls.add_shape_tokens(tokenizer)
         image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls(image_processor=image_processor, tokenizer=tokenizer, num_shape_tokens=num_shape_tokens)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, num_shape_tokens=num_shape_tokens,
+                   image_preprocessing=image_preprocessing)
 
     def token_id(self, token: str) -> int:
         return self.tokenizer.convert_tokens_to_ids(token)
@@ -184,7 +200,8 @@ class CGMLLMProcessor(ProcessorMixin):
         return "".join(out), image_index
 
     def __call__(self, text=None, images=None, num_shape_tokens: int | None = None, padding: bool | str = True,
-                 padding_side: str = "left", return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+                 padding_side: str = "left", return_tensors: str | None = "pt", image_to_shape: bool = False,
+                 **kwargs) -> BatchFeature:
         """Tokenize prompts with `<image>` / `<shape>` placeholders.
 
         Args:
@@ -192,6 +209,8 @@ class CGMLLMProcessor(ProcessorMixin):
             images: PIL images / arrays, one per `<image>` placeholder, in order over the whole batch.
             num_shape_tokens: latent rows per `<shape>` (defaults to `self.num_shape_tokens`).
             padding_side: "left" for generation (the default), "right" for training.
+            image_to_shape: the images condition image -> 3D (with `image_preprocessing="official"`: the official
+                JPEG q85 round trip, alpha dropped, instead of compositing onto white).
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, and `pixel_values` / `image_grid_thw` for images.
@@ -204,7 +223,7 @@ class CGMLLMProcessor(ProcessorMixin):
         image_inputs = {}
         grid = None
         if images:
-            image_inputs = self.image_processor(images=list(images), return_tensors="pt")
+            image_inputs = self.image_inputs(list(images), image_to_shape=image_to_shape)
             grid = image_inputs["image_grid_thw"]
         num_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
         if num_placeholders != (len(images) if images else 0):
@@ -226,6 +245,25 @@ class CGMLLMProcessor(ProcessorMixin):
         data = dict(encoding)
         data.update(image_inputs)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def image_inputs(self, images: list, image_to_shape: bool = False) -> dict:
+        """Images -> `{"pixel_values": (patches, C*T*p*p), "image_grid_thw": (num_images, 3)}` by
+        `self.image_preprocessing` (see the class docstring)."""
+        from PIL import Image
+
+        from .image_processing_cgmllm import official_image_inputs, rgb_on_white
+
+        if self.image_preprocessing == "official":
+            pil = [Image.fromarray(im) if isinstance(im, np.ndarray) and im.dtype == np.uint8 else im for im in images]
+            bad = [i for i, im in enumerate(pil) if not isinstance(im, Image.Image)]
+            if bad:
+                raise ValueError(f"Images {bad} are neither PIL images nor uint8 arrays; the official preprocessing "
+                                 "needs one of those.")
+            ip = self.image_processor
+            return official_image_inputs(pil, ip.patch_size, ip.temporal_patch_size, ip.merge_size,
+                                         image_to_shape=image_to_shape)
+        pil = [rgb_on_white(im) if isinstance(im, Image.Image) else im for im in images]
+        return dict(self.image_processor(images=pil, return_tensors="pt"))
 
     # ------------------------------------------------------------------------------------------------------------
     def decode_captions(self, generated_ids) -> list[str]:
@@ -279,6 +317,47 @@ class CGMLLMProcessor(ProcessorMixin):
             surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed + index)
             surfaces.append(torch.as_tensor(np.asarray(surface), dtype=torch.float32))
         return torch.stack(surfaces)
+
+    def prepare_point_clouds(self, items, num_points: int = 8192, seed: int = 0,
+                             default_color: float = 0.4) -> torch.Tensor:
+        """Meshes or PointLLM clouds -> `(B, P, 6)` normalised xyz + rgb clouds, the official PointBERT input.
+
+        * a mesh (path, bytes, `trimesh.Trimesh`): `num_points` area-uniform surface points (trimesh's sampler,
+          seeded with `seed + index`) with the mesh's colours (vertex, face or texture colours, rgb in [0, 1]); a
+          mesh without colours gets constant grey `default_color` (0.4, the official code's value for colourless
+          clouds; the official PointBERT path itself only reads PointLLM files, which always carry colours);
+        * a PointLLM cloud (`.npy` path or array of shape `(P, 6)`, xyz + rgb in [0, 1]): used as it is (the
+          official path does not resample); all clouds of one call must have the same P.
+
+        Then PointLLM's `pc_norm`: xyz minus its mean, divided by the largest distance to it; rgb untouched.
+        """
+        import os
+
+        from .mesh_utils import sample_colored_points
+        from .modeling_pointbert import normalize_point_cloud
+
+        clouds = []
+        for index, item in enumerate(items if isinstance(items, (list, tuple)) else [items]):
+            if isinstance(item, (str, os.PathLike)) and os.fspath(item).endswith(".npy"):
+                try:
+                    item = np.load(os.fspath(item), allow_pickle=False)
+                except (OSError, ValueError) as error:
+                    raise ValueError(f"Could not read the point cloud {os.fspath(item)!r}: {error}") from error
+            if isinstance(item, (np.ndarray, torch.Tensor)):
+                cloud = torch.as_tensor(np.asarray(item, dtype=np.float32))
+                if cloud.ndim != 2 or cloud.shape[1] != 6:
+                    raise ValueError(
+                        f"A PointLLM point cloud must have shape (P, 6) (xyz + rgb in [0, 1]); item {index} has shape "
+                        f"{tuple(cloud.shape)}."
+                    )
+            else:
+                points, _ = sample_colored_points(item, num_points, seed=seed + index, default_color=default_color)
+                cloud = torch.from_numpy(points)
+            clouds.append(cloud)
+        sizes = sorted({cloud.shape[0] for cloud in clouds})
+        if len(sizes) > 1:
+            raise ValueError(f"The point clouds of one call must have the same number of points, got sizes {sizes}.")
+        return normalize_point_cloud(torch.stack(clouds))
 
 
 __all__ = [

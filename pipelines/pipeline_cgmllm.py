@@ -23,6 +23,7 @@ installed (the components then come from the files in their own folders).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -38,6 +39,8 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 logger = logging.get_logger(__name__)
@@ -59,8 +62,19 @@ _REMOTE_COMPONENTS = {
     "model": ("modeling_cgmllm", "CGMLLMForConditionalGeneration"),
     "vae": ("shape_vae_remote", "ShapeVAE"),
     "processor": ("processing_cgmllm", "CGMLLMProcessor"),
+    "point_encoder": ("modeling_pointbert", "PointBERTEncoder"),  # optional: the official 3D-captioning encoder
 }
+# The official 3D-captioning input: an 8192-point xyz + rgb cloud, and the question of the official inference.
+POINT_CLOUD_SIZE = 8192
+DEFAULT_POINT_QUESTION = "What does this collection of points represent?"
 _VAE_FILES = ("modeling_shape_vae.py", "volume_decoding.py", "mesh_utils.py")
+# The file every component folder of a saved pipeline holds; `from_pretrained` checks them all before loading any.
+_COMPONENT_CONFIG_FILES = {
+    "model": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+    "processor": "tokenizer_config.json",
+}
 
 
 @dataclass
@@ -84,26 +98,77 @@ class CGMLLMPipelineOutput(BaseOutput):
         return self.meshes[0]
 
 
+def official_flow_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The official sampler's flow times, before the shift, for `num_inference_steps` Euler steps.
+
+    The official loop (`inference.py`, `--num_timesteps T`) takes `t = linspace(1, 0, T)`, shifts every value with
+    `s t / (1 + (s - 1) t)` and makes `T - 1` Euler steps `x <- x - v (t_i - t_{i+1})`, the last one ending at 0.
+    `FlowMatchEulerDiscreteScheduler.set_timesteps(num_inference_steps, sigmas=...)` applies the same shift
+    (`config.shift`) to the given values and appends the terminal 0, so passing `linspace(1, 0, S + 1)` without its
+    final 0 gives exactly that grid with `S = T - 1` steps.
+
+    Returns:
+        `(num_inference_steps,)` float64 array `1, ..., 1 / num_inference_steps`.
+    """
+    if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    return np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+
+
 def _load_image(image, index: int):
-    """PIL image, path or HWC uint8 array -> RGB PIL image; anything unreadable raises a ValueError."""
+    """PIL image, path or HWC uint8 array -> PIL image in its own mode (an alpha channel is kept: the processor
+    decides how transparent pixels are handled); anything unreadable raises a ValueError."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
-                return opened.convert("RGB")
+                opened.load()
+                return opened.copy()
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"Could not read image {index} from {os.fspath(image)!r}: {error}") from error
     if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] in (3, 4):
         array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8)
-        return Image.fromarray(array[..., :3])
+        return Image.fromarray(array)
     raise ValueError(
         f"Image {index} must be a PIL image, a file path or an (H, W, 3) array, got {type(image).__name__}"
         + (f" of shape {image.shape}" if hasattr(image, "shape") else "")
         + "."
     )
+
+
+class StopOnImmediateRepeat(StoppingCriteria):
+    """Ends a caption row as soon as its generated tokens end with a span of at least `min_span` tokens written
+    twice in a row ("pyramid lying pyramid lying"). A model shown something unlike its training data can loop like
+    this up to the token budget without ever emitting its end token, and repetition penalties or n-gram bans only
+    make it loop with variations; no trained caption holds such a repeat (on the tiny world: none of 7,005
+    captions repeats a span of 2 tokens or more back to back, while single tokens do, e.g. "ll" in "hollow")."""
+
+    def __init__(self, prompt_length: int, min_span: int = 2):
+        self.prompt_length = prompt_length
+        self.min_span = min_span
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :]
+        length = generated.shape[1]
+        done = torch.zeros(generated.shape[0], dtype=torch.bool, device=input_ids.device)
+        for span in range(self.min_span, length // 2 + 1):
+            done |= (generated[:, length - span :] == generated[:, length - 2 * span : length - span]).all(-1)
+        return done
+
+
+def cut_immediate_repeat(tokens: list[int], end_ids: set[int], min_span: int = 2) -> list[int]:
+    """`tokens` up to their first end token, without the second copy of the first span (>= `min_span` tokens) that
+    is repeated back to back: what remains of a row that `StopOnImmediateRepeat` stopped."""
+    for length in range(1, len(tokens) + 1):
+        if tokens[length - 1] in end_ids:
+            return tokens[: length - 1]
+        for span in range(min_span, length // 2 + 1):
+            if tokens[length - span : length] == tokens[length - 2 * span : length - span]:
+                return tokens[: length - span]
+    return tokens
 
 
 class CGMLLMPipeline(DiffusionPipeline):
@@ -115,18 +180,26 @@ class CGMLLMPipeline(DiffusionPipeline):
             3D latent rows, velocity head `llm2obj`).
         vae ([`ShapeVAE`]): the frozen 3D VAE (latents <-> field -> mesh).
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler sampler; sigma is the model's flow time
-            t (x_t = (1 - t) x0 + t eps, t = 1 pure noise). Shift 3.0 reproduces the official sampler.
+            t (x_t = (1 - t) x0 + t eps, t = 1 pure noise). With `shift=3.0` (the official value) and the default
+            grid of `__call__` ([`official_flow_sigmas`]) it walks exactly the official sampler's timesteps.
         processor ([`CGMLLMProcessor`]): tokenizer, image processor and the prompt formats.
+        point_encoder ([`PointBERTEncoder`], *optional*): the official 3D-captioning encoder. With it,
+            `caption(mesh=...)` encodes coloured point clouds with PointBERT and feeds the features through the
+            model's `obj_und_connector` (the released weights' path); without it meshes are captioned from ShapeVAE
+            latents.
     """
+
+    _optional_components = ["point_encoder"]
 
     # Generation runs the model, then the VAE (decoding). Captioning a mesh runs them the other way round: `caption`
     # hands the VAE back to the CPU itself before the model starts (see `_offload_now`).
     model_cpu_offload_seq = "model->vae"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, model, vae, scheduler: FlowMatchEulerDiscreteScheduler, processor):
+    def __init__(self, model, vae, scheduler: FlowMatchEulerDiscreteScheduler, processor, point_encoder=None):
         super().__init__()
-        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
+        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor,
+                              point_encoder=point_encoder)
 
     # ------------------------------------------------------------------------------------------------------------
     # Properties
@@ -270,8 +343,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         if do_classifier_free_guidance:
             negatives = negative_prompt if negative_prompt is not None else [None] * len(texts)
             texts = texts + [processor.text_to_shape_prompt(n) for n in negatives]
-        inputs = processor(text=texts, images=batch_images or None, padding_side="left").to(device)
+        inputs = processor(text=texts, images=batch_images or None, padding_side="left",
+                           image_to_shape=bool(batch_images)).to(device)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if prompt is not None:
+            self._warn_long_prompts(prompt, attention_mask[: len(prompt)].sum(-1).tolist())
         if input_ids.shape[1] == 0:  # every context empty: a one-token padding column keeps shapes valid
             pad = self.model.config.text_config.pad_token_id or 0
             input_ids = torch.full((len(texts), 1), pad, dtype=torch.long, device=device)
@@ -288,6 +364,21 @@ class CGMLLMPipeline(DiffusionPipeline):
         positions = out.position_ids.amax(0).masked_fill(attention_mask == 0, -1)
         rope_start = positions.amax(-1) + 1
         return {"cache": out.cache, "attention_mask": attention_mask, "rope_start": rope_start}
+
+    def _warn_long_prompts(self, prompts: list[str], lengths: list[int]) -> None:
+        """Warn (once per call) for prompts longer than any the model was trained on: they are accepted, but the
+        model has never seen such a context and tends to ignore or garble it."""
+        config = self.model.config
+        trained = getattr(config, "max_prompt_tokens", None)
+        limit = min(x for x in (trained, config.text_config.max_position_embeddings) if x is not None)
+        long = [(p, n) for p, n in zip(prompts, lengths) if n > limit]
+        if long:
+            prompt, length = max(long, key=lambda item: item[1])
+            logger.warning(
+                f"{len(long)} prompt(s) longer than the longest context the model was trained on ({limit} tokens): "
+                f"the longest has {length} tokens ({prompt[:60]!r}...). The model may ignore or garble it; shorter "
+                "prompts like the training captions work best."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Latents
@@ -338,13 +429,28 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         return out.velocity.view(rows, -1, latents.shape[-1])
 
+    def _denoising_progress_bar(self, total: int):
+        """diffusers' step bar (`set_progress_bar_config` applies), labelled."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", "denoising")
+        return tqdm(total=total, unit=" steps", **config)
+
+    def _meshing_progress_bar(self):
+        """A tqdm bar counting field queries (None when progress bars are disabled), as a context manager."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        if config.get("disable"):
+            return contextlib.nullcontext()
+        config.setdefault("desc", "meshing")
+        return tqdm(total=None, unit=" points", unit_scale=True, **config)
+
     @staticmethod
     def _conditional_rows(context: dict[str, Any], batch_size: int) -> dict[str, Any]:
         """The first `batch_size` rows (the conditional branch) of a prefilled `[cond ; uncond]` context: steps
         outside the guidance interval run only these rows instead of computing the unconditional ones and discarding
         them. The KV cache is copied once per block (its rows are not contiguous per layer otherwise)."""
         cache = context["cache"]
-        rows = type(cache)(ddp_cache_data=[(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers])
+        layers = [(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers]
+        rows = type(cache)(ddp_cache_data=layers)
         return {"cache": rows, "attention_mask": context["attention_mask"][:batch_size],
                 "rope_start": context["rope_start"][:batch_size]}
 
@@ -369,7 +475,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         image=None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int = 49,
         guidance_scale: float = 7.5,
         guidance_interval: tuple[float, float] | None = (0.4, 1.0),
         guidance_renorm: bool = True,
@@ -381,7 +487,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         sigmas: list[float] | None = None,
         output_type: str = "trimesh",
         num_images_per_prompt: int | None = None,
-        octree_resolution: int = 256,
+        octree_resolution: int = 128,
         mc_level: float = 0.0,
         mesh_kwargs: dict | None = None,
         return_dict: bool = True,
@@ -395,7 +501,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             prompt: text prompt(s) (text -> mesh).
             image: image(s) (PIL, path or `(H, W, 3)` array) (image -> mesh).
             negative_prompt: context of the unconditional branch; None = empty context (the official convention).
-            num_inference_steps: Euler steps per block.
+            num_inference_steps: Euler steps per block. `S` steps are the official sampler's `--num_timesteps S + 1`
+                (its `T` timesteps include the final t = 0, so it makes `T - 1` steps): the default 49 is the
+                official default of 50.
             guidance_scale: CFG scale `s`; `<= 1` disables guidance (and the unconditional branch).
             guidance_interval: `(low, high)`: CFG (and renorm) only when `low < t <= high` (official (0.4, 1.0]);
                 None = every step.
@@ -410,9 +518,13 @@ class CGMLLMPipeline(DiffusionPipeline):
                 same count; an alias of `num_meshes_per_prompt` (giving both with different values is an error).
             generator: `torch.Generator` (or one per object) for the initial noise.
             latents: initial noise `(B, N, C)` instead of drawing it.
-            sigmas: custom flow-time schedule passed to `scheduler.set_timesteps`.
+            sigmas: unshifted flow times, one per step, passed to `scheduler.set_timesteps` (which applies its shift
+                and appends the terminal 0). None = the official grid `linspace(1, 0, S + 1)[:-1]`
+                ([`official_flow_sigmas`]); pass e.g. the scheduler's own spacing explicitly to sample differently.
             output_type: `"trimesh"` (decode with the VAE) or `"latent"`.
-            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh`.
+            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh` (128 cells per axis by
+                default, as the `cgmllm generate` command line: ample for N <= 1024 latents; the official release
+                meshes at 512).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
 
         Returns:
@@ -469,12 +581,14 @@ class CGMLLMPipeline(DiffusionPipeline):
 
         # 5. Blocks x timesteps.
         num_blocks = num_shape_tokens // shape_block_size
+        if sigmas is None:
+            sigmas = official_flow_sigmas(num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         low, high = guidance_interval if guidance_interval is not None else (-1.0, 1.0)
         blocks = []
-        with self.progress_bar(total=num_blocks * len(timesteps)) as progress_bar:
+        with self._denoising_progress_bar(num_blocks * len(timesteps)) as progress_bar:
             for j in range(num_blocks):
                 block_ids = self._block_input_ids(branches * batch_size, j, num_blocks, shape_block_size, device)
                 x = latents[:, j * shape_block_size : (j + 1) * shape_block_size]
@@ -512,10 +626,14 @@ class CGMLLMPipeline(DiffusionPipeline):
         # 6. Decode.
         meshes = None
         if output_type == "trimesh":
-            meshes = self.vae.latents_to_mesh(
-                latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
-                **(mesh_kwargs or {}),
-            )
+            # Field queries of the volume decoding: the total is not known in advance (coarse-to-fine extraction
+            # queries only near the surface), so the bar counts points.
+            with self._meshing_progress_bar() as meshing_bar:
+                meshes = self.vae.latents_to_mesh(
+                    latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
+                    **({"progress_callback": meshing_bar.update} if meshing_bar is not None else {}),
+                    **(mesh_kwargs or {}),
+                )
         self.maybe_free_model_hooks()
         output = CGMLLMPipelineOutput(meshes=meshes, latents=latents)
         if not return_dict:
@@ -542,6 +660,26 @@ class CGMLLMPipeline(DiffusionPipeline):
         return posterior.mode().float()
 
     @torch.no_grad()
+    def encode_points(self, mesh, num_points: int = POINT_CLOUD_SIZE, seed: int = 0) -> torch.Tensor:
+        """Mesh(es) or PointLLM clouds -> PointBERT features `(B, 1 + num_group, trans_dim)` (cls row first).
+
+        Meshes are sampled with `num_points` area-uniform surface points coloured from the mesh (constant grey 0.4
+        where it has no colours), PointLLM `.npy` files / `(P, 6)` arrays are used as they are; every cloud is then
+        normalised as PointLLM's `pc_norm` (see [`CGMLLMProcessor.prepare_point_clouds`]).
+        """
+        if getattr(self, "point_encoder", None) is None:
+            raise ValueError("This pipeline has no `point_encoder` (PointBERT); see `cgmllm-convert-official "
+                             "--point-bert`.")
+        try:
+            clouds = self.processor.prepare_point_clouds(self._as_list(mesh), num_points=num_points, seed=seed)
+        except ValueError:
+            raise
+        except Exception as error:  # trimesh / IO errors of unreadable files
+            raise ValueError(f"Could not read the mesh(es) {mesh!r:.200}: {error}") from error
+        encoder = self.point_encoder
+        return encoder(clouds.to(device=encoder.device, dtype=encoder.dtype)).float()
+
+    @torch.no_grad()
     def caption(
         self,
         image=None,
@@ -549,15 +687,24 @@ class CGMLLMPipeline(DiffusionPipeline):
         prompt: str | None = None,
         max_new_tokens: int = 64,
         num_shape_tokens: int | None = None,
+        stop_on_repetition: bool = True,
         **generate_kwargs,
     ) -> list[str]:
-        """Describe images (TokenAR, as Qwen3-VL) or meshes (VAE latents as a clean 3D block) in text.
+        """Describe images (TokenAR, as Qwen3-VL) or meshes in text.
+
+        Meshes go through the official path when the pipeline has a `point_encoder`: an 8192-point coloured cloud
+        (grey 0.4 for meshes without colours), PointBERT, `obj_und_connector`, the block before the question
+        ([`encode_points`]). Otherwise they are encoded by the ShapeVAE and the clean latents form the block.
 
         Args:
             image: image(s) to describe.
-            mesh: mesh(es) to describe: paths, `trimesh.Trimesh` or point clouds.
-            prompt: the question; defaults to the processor's "Describe this image/3D object.".
+            mesh: mesh(es) to describe: paths, `trimesh.Trimesh` or point clouds (with a `point_encoder`: PointLLM
+                `(P, 6)` xyz + rgb clouds or `.npy` files of them; without: `(P, 6|7)` xyz + normal surfaces).
+            prompt: the question; defaults to "Describe this image." / "Describe this 3D object." (VAE path) /
+                the official "What does this collection of points represent?" (PointBERT path).
             max_new_tokens: generation budget; greedy decoding unless `generate_kwargs` say otherwise.
+            stop_on_repetition: end a caption where it starts repeating a span of 2+ tokens back to back, and drop
+                the repeated copy ([`StopOnImmediateRepeat`]), instead of looping up to `max_new_tokens`.
 
         Returns:
             One caption per input.
@@ -574,6 +721,13 @@ class CGMLLMPipeline(DiffusionPipeline):
             texts = [processor.image_caption_prompt(**question)] * len(images)
             inputs = processor(text=texts, images=images, padding_side="left").to(device)
             extra = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+        elif getattr(self, "point_encoder", None) is not None:
+            # The official path: PointBERT features of a coloured cloud through the model's obj_und_connector.
+            features = self.encode_points(mesh)
+            question = question or {"question": DEFAULT_POINT_QUESTION}
+            texts = [processor.shape_caption_prompt(**question)] * features.shape[0]
+            inputs = processor(text=texts, num_shape_tokens=features.shape[1], padding_side="left").to(device)
+            extra = {"point_features": features.reshape(-1, features.shape[-1]).to(device)}
         else:
             num_shape_tokens = num_shape_tokens or self.max_shape_tokens
             if not 1 <= num_shape_tokens <= self.max_shape_tokens:
@@ -584,12 +738,20 @@ class CGMLLMPipeline(DiffusionPipeline):
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
         prompt_length = inputs["input_ids"].shape[1]
+        if stop_on_repetition:
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            criteria.append(StopOnImmediateRepeat(prompt_length))
+            generate_kwargs["stopping_criteria"] = criteria
         generated = self.model.generate(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
             pad_token_id=processor.tokenizer.pad_token_id, **extra, **generate_kwargs,
         )
         self.maybe_free_model_hooks()
-        return processor.decode_captions(generated[:, prompt_length:])
+        rows = generated[:, prompt_length:].tolist()
+        if stop_on_repetition:
+            end_ids = {processor.token_id(processor.text_end_token), processor.tokenizer.pad_token_id}
+            rows = [cut_immediate_repeat(row, end_ids) for row in rows]
+        return processor.decode_captions(rows)
 
     def _offload_now(self, component) -> None:
         """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
@@ -633,10 +795,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         index_path = root / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = ["pipeline_cgmllm", type(self).__name__]
-        for component, entry in _REMOTE_COMPONENTS.items():
+        present = {name: entry for name, entry in _REMOTE_COMPONENTS.items() if getattr(self, name, None) is not None}
+        for component, entry in present.items():
             index[component] = list(entry)
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for component, (module_file, _) in _REMOTE_COMPONENTS.items():
+        for component, (module_file, _) in present.items():
             if not (root / component / f"{module_file}.py").is_file():
                 raise ValueError(
                     f"Saving {component}: {module_file}.py was not written to {root / component}; the folder would not "
@@ -677,6 +840,15 @@ class CGMLLMPipeline(DiffusionPipeline):
         if not (path / "model_index.json").is_file() or unhandled:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
+        missing = [
+            f"{name}/{file}" for name, file in _COMPONENT_CONFIG_FILES.items()
+            if name not in kwargs and not (path / name / file).is_file()
+        ]
+        if missing:  # before anything is built: a model without its config would be built at the default size
+            raise OSError(
+                f"{path} is not a complete CGMLLMPipeline folder: {', '.join(missing)} missing. Save one with "
+                "`CGMLLMPipeline.save_pretrained`, or pass the missing components as arguments."
+            )
 
         dtype = kwargs.pop("dtype", None)
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
@@ -684,7 +856,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             raise ValueError(f"`dtype` must be a torch.dtype or a dict of them by component name, got {dtype!r}.")
         variant = kwargs.pop("variant", None)
         use_safetensors = kwargs.pop("use_safetensors", None)
-        model_variants = {name: variant for name in ("model", "vae") if _has_variant(path / name, variant)}
+        model_variants = {
+            name: variant for name in ("model", "vae", "point_encoder") if _has_variant(path / name, variant)
+        }
         if variant is not None and not model_variants:
             raise ValueError(
                 f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
@@ -708,7 +882,49 @@ class CGMLLMPipeline(DiffusionPipeline):
             "processor": CGMLLMProcessor.from_pretrained,
         }
         components = {name: kwargs.pop(name) if name in kwargs else load(path / name) for name, load in loaders.items()}
+        if "point_encoder" in kwargs:
+            components["point_encoder"] = kwargs.pop("point_encoder")
+        elif (path / "point_encoder" / "config.json").is_file():
+            from cgmllm import PointBERTEncoder
+
+            components["point_encoder"] = PointBERTEncoder.from_pretrained(
+                path / "point_encoder", dtype=component_dtype("point_encoder"),
+                variant=model_variants.get("point_encoder"), **weights,
+            )
+        check_component_agreement(components, path)
         return cls(**components)
+
+
+def check_component_agreement(components: dict, where="the pipeline") -> None:
+    """Raise a `ValueError` listing every way the processor / point encoder and the model disagree (a folder whose
+    parts come from different checkpoints would otherwise give garbage or a deep shape error)."""
+    model, processor = components.get("model"), components.get("processor")
+    problems = []
+    if model is not None and processor is not None:
+        config = model.config
+        for name, token_id in processor.special_token_ids.items():
+            if getattr(config, name, token_id) != token_id:
+                problems.append(f"{name}: processor {token_id} vs model {getattr(config, name)}")
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(processor.tokenizer) > rows:
+            problems.append(f"the tokenizer has {len(processor.tokenizer)} tokens but the model only {rows} "
+                            "embedding rows")
+        image_processor, vision = processor.image_processor, config.vision_config
+        for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                             ("temporal_patch_size", "temporal_patch_size")):
+            if getattr(image_processor, ours, None) not in (None, getattr(vision, theirs)):
+                problems.append(f"image processor {ours}={getattr(image_processor, ours)} vs vision "
+                                f"{theirs}={getattr(vision, theirs)}")
+    point_encoder = components.get("point_encoder")
+    if point_encoder is not None and model is not None:
+        width = getattr(model.config, "point_feature_dim", None)
+        if width is None:
+            problems.append("a point_encoder is present but the model has no obj_und_connector (point_feature_dim)")
+        elif point_encoder.config.trans_dim != width:
+            problems.append(f"point_encoder features are {point_encoder.config.trans_dim}-d but the model's "
+                            f"obj_und_connector takes {width}-d")
+    if problems:
+        raise ValueError(f"The components of {where} do not belong together: " + "; ".join(problems) + ".")
 
 
 # Keywords of `DiffusionPipeline.from_pretrained` that `CGMLLMPipeline.from_pretrained` honours on a local folder.
@@ -725,4 +941,11 @@ def _has_variant(folder: Path, variant: str | None) -> bool:
     return any(len(f.split(".")) > 2 and f.split(".")[1].startswith(variant) for f in os.listdir(folder))
 
 
-__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput"]
+__all__ = [
+    "CGMLLMPipeline",
+    "CGMLLMPipelineOutput",
+    "StopOnImmediateRepeat",
+    "check_component_agreement",
+    "cut_immediate_repeat",
+    "official_flow_sigmas",
+]

@@ -183,6 +183,24 @@ def test_hunyuan3d_surfaces_fill_the_uniform_and_sharp_pools(tmp_path):
     assert np.isfinite(np.asarray(cache["latents"])).all() and np.asarray(cache["latents"]).shape == (2, 4, 8)
 
 
+def test_hunyuan3d_render_views_become_images_and_a_spec_is_detected(tmp_path, processor):
+    write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
+    renders = tmp_path / "preprocessed" / "a1" / "render_cond"
+    renders.mkdir()
+    for index in (1, 0):
+        (renders / f"{index:03d}.png").write_bytes(_png(index))
+    (renders / "transforms.json").write_text("{}")
+    ds = load_caption_dataset({"captions": tmp_path / "captions.csv", "shapes": tmp_path / "preprocessed"})
+    assert ds.column_names == ["uid", "caption", "surface_file", "images"]
+    assert [image.size for image in ds[0]["images"]] == [(24, 16), (24, 16)] and ds[1]["images"] == []
+    assert np.array_equal(np.asarray(ds[0]["images"][0]), np.asarray(PILImage.open(io.BytesIO(_png(0)))))
+    cache = encode_dataset(ds, tiny_vae(), 4)
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"image_to_shape": 1.0, "text_to_shape": 1.0},
+                                  condition_dropout=0.0)
+    assert {collator.build_sample(row)["task"] for row in cache.select([1])} == {"text_to_shape"}  # no views
+    assert collator(list(cache))["shape_latents"].shape == (8, 8)
+
+
 def test_hunyuan3d_bad_npz_is_named(tmp_path):
     write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
     np.savez(tmp_path / "preprocessed" / "b2" / "geo_data" / "b2_surface.npz", other=np.zeros(3))
@@ -229,6 +247,8 @@ def test_pointllm_clouds_are_normalised_for_pointbert(tmp_path):
     np.testing.assert_array_equal(np.asarray(rows[0]["point_cloud"]), cloud)
     with pytest.raises(ValueError, match="PointBERT cloud"):
         example_surface(ds[0], 16)
+    with pytest.raises(ValueError, match="PointBERT clouds .* nothing to encode"):
+        encode_dataset(ds, tiny_vae(), 4)
 
 
 def test_pointllm_missing_cloud_is_named(tmp_path, caplog):
@@ -263,11 +283,17 @@ def test_cap3d_point_clouds_are_array2d_and_num_proc_gives_the_same_rows(tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
-def test_meshfolder_streams_through_the_builder(tmp_path):
+def test_meshfolder_and_parquet_stream(tmp_path):
     folder = write_mesh_folder(tmp_path / "m", names=["box", "ball", "cone"])
     stream = load_caption_dataset(folder, streaming=True)
     assert isinstance(stream, IterableDataset) and not isinstance(stream, Dataset)
     assert [row["uid"] for row in stream] == load_caption_dataset(folder)["uid"]
+
+    frame = pd.DataFrame({"caption": ["a box", "a cone", ""],
+                          "mesh": [primitive_mesh(name).export(file_type="glb") for name in ("box", "cone", "ball")]})
+    frame.to_parquet(tmp_path / "meshes.parquet", index=False)
+    rows = list(load_caption_dataset(tmp_path / "meshes.parquet", streaming=True, skip_bad_samples=True))
+    assert [row["uid"] for row in rows] == ["0", "1"] and rows[1]["mesh"]["bytes"][:4] == b"glTF"
 
 
 # 5. Issue 18 item 8: nothing dropped without a word ---------------------------------------------------------------------
@@ -309,8 +335,73 @@ def test_cgmllm_train_streams_a_t500k_folder(tmp_path):
     assert all(r["log_history"][-1]["step"] == 2 for r in results)
 
 
-def test_the_collator_names_a_pointllm_cloud_it_cannot_encode(tmp_path, processor):
-    write_pointllm_folder(tmp_path, ["a"], num_points=32)
-    example = load_caption_dataset(tmp_path)[0]
-    with pytest.raises(ValueError, match="'a' is a PointBERT cloud"):
-        CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})([example])
+def _tiny_point_encoder():
+    import torch
+
+    from cgmllm import PointBERTConfig, PointBERTEncoder
+
+    torch.manual_seed(0)
+    config = PointBERTConfig(trans_dim=16, depth=1, num_heads=2, group_size=4, num_group=8, encoder_dims=12)
+    return PointBERTEncoder(config).eval().requires_grad_(False)
+
+
+def test_pointllm_clouds_reach_the_model_as_point_features(tmp_path, processor):
+    import torch
+    import torch.nn.functional as F
+
+    from cgmllm import CGMLLMForConditionalGeneration
+    from cgmllm.training.testing import tiny_model_config
+
+    write_pointllm_folder(tmp_path, ["a", "b"], num_points=64)
+    ds = load_caption_dataset(tmp_path)
+    with pytest.raises(ValueError, match="'a' is a PointBERT cloud.*point_encoder="):
+        CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0})(list(ds))
+
+    encoder = _tiny_point_encoder()
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0, "text_to_shape": 1.0},
+                                  point_encoder=encoder)
+    batch = collator(list(ds))  # text -> 3D needs latents: a cloud is only ever captioned
+    assert "shape_latents" not in batch and batch["point_features"].shape == (2 * 9, 16)
+    pad = processor.special_token_ids["obj_pad_token_id"]
+    assert (batch["input_ids"] == pad).sum(1).tolist() == [9, 9]  # 1 + num_group rows per block, not N = 4
+    clouds = torch.as_tensor(np.stack(ds.with_format("numpy")["point_cloud"]))
+    torch.testing.assert_close(batch["point_features"], encoder(clouds).reshape(18, 16))
+    question = processor.tokenizer("Summarize this object.", add_special_tokens=False)["input_ids"]
+    row = batch["input_ids"][0].tolist()
+    assert any(row[i:i + len(question)] == question for i in range(len(row)))
+    caption = processor.tokenizer("A model of object 1.", add_special_tokens=False)["input_ids"]
+    assert [t for t in batch["labels"][1].tolist() if t != -100][:len(caption)] == caption
+
+    config = tiny_model_config(processor)
+    config.point_feature_dim = 16
+    model = CGMLLMForConditionalGeneration(config)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.obj_und_connector.fc1.weight.grad.abs().sum() > 0
+
+
+def test_a_batch_cannot_mix_clouds_and_shapes(tmp_path, processor):
+    write_pointllm_folder(tmp_path / "p", ["a"], num_points=64)
+    cloud = load_caption_dataset(tmp_path / "p")[0]
+    shape = {"uid": "s", "caption": "a box", "latents": np.zeros((4, 8), np.float32)}
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0}, point_encoder=_tiny_point_encoder())
+    with pytest.raises(ValueError, match="mixes PointBERT clouds \\('a'\\) with ShapeVAE shapes"):
+        collator([shape, cloud])
+
+
+def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path):
+    # Rows are cached by `datasets`; the shape files' sizes and times are part of the cache key.
+    (tmp_path / "shapes").mkdir()
+    np.save(tmp_path / "shapes" / "u0.npy", np.zeros((5, 6), np.float32))
+    (tmp_path / "captions.csv").write_text("u0,a cloud\n")
+    assert load_caption_dataset(tmp_path).with_format("numpy")[0]["points"].sum() == 0
+    np.save(tmp_path / "shapes" / "u0.npy", np.ones((7, 6), np.float32))
+    assert load_caption_dataset(tmp_path).with_format("numpy")[0]["points"].shape == (7, 6)
+
+    clouds = write_pointllm_folder(tmp_path / "p", ["a"], num_points=16)
+    first = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
+    np.save(tmp_path / "p" / "8192_npy" / "a_8192.npy", clouds["a"][::-1].copy())
+    again = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
+    np.testing.assert_allclose(again, first[::-1], atol=1e-6)

@@ -78,9 +78,10 @@ def _uncached_reference(pipe, contexts, noise, guidance_scale, interval=(0.4, 1.
     sequence [context, clean blocks < j, noisy block j] recomputed at every step, Euler written out by hand."""
     model, processor = pipe.model, pipe.processor
     config = model.config
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(STEPS)
-    sigmas = scheduler.sigmas.tolist()
+    # The official grid: t = linspace(1, 0, STEPS + 1) shifted by s, STEPS Euler steps ending at t = 0.
+    shift = pipe.scheduler.config.shift
+    grid = torch.linspace(1, 0, STEPS + 1, dtype=torch.float64)
+    sigmas = (shift * grid / (1 + (shift - 1) * grid)).tolist()
     size = block_size or noise.shape[1]
     num_blocks = noise.shape[1] // size
     results = []
@@ -156,12 +157,13 @@ def test_steps_outside_the_guidance_interval_run_only_the_conditional_rows(pipe,
         return forward(*args, **kwargs)
 
     pipe.model.forward = recording_forward
+    steps = 8  # the official grid at 8 steps ends with t = 0.3 (shifted 1/8): one step outside the interval
     try:
-        pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=3.0, guidance_interval=(0.4, 1.0),
+        pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.0, guidance_interval=(0.4, 1.0),
              shape_block_size=block_size, generator=_seed(), output_type="latent")
     finally:
         del pipe.model.forward
-    assert len(rows) == STEPS * (N // block_size)
+    assert len(rows) == steps * (N // block_size)
     assert any(t <= 0.4 for _, t in rows) and any(t > 0.4 for _, t in rows)
     for batch, t in rows:  # cond + uncond rows inside the interval, the conditional rows alone outside it
         assert batch == (2 * len(PROMPTS) if 0.4 < t <= 1.0 else len(PROMPTS)), (batch, t)
@@ -327,3 +329,19 @@ def test_bad_caption_inputs_raise(pipe, tmp_path, image):
         pipe.caption(mesh=broken)
     with pytest.raises(ValueError):
         pipe.caption(mesh=tmp_path / "missing.obj")
+
+
+def test_prompts_longer_than_the_trained_context_warn(pipe, monkeypatch):
+    import cgmllm.pipelines.pipeline_cgmllm as pipeline_module
+
+    warnings = []
+    monkeypatch.setattr(pipeline_module.logger, "warning", lambda message: warnings.append(message))
+    monkeypatch.setattr(pipe.model.config, "max_prompt_tokens", 12)
+    kwargs = dict(num_inference_steps=1, output_type="latent", generator=_seed())
+    pipe("a red car", **kwargs)
+    assert warnings == []
+    pipe(["a red car", "a tall cylinder on a flat box " * 3], **kwargs)
+    assert len(warnings) == 1 and "1 prompt(s)" in warnings[0] and "(12 tokens)" in warnings[0]
+    monkeypatch.setattr(pipe.model.config, "max_prompt_tokens", None)  # unknown: only the position limit counts
+    pipe("a tall cylinder on a flat box " * 3, **kwargs)
+    assert len(warnings) == 1

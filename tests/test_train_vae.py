@@ -177,3 +177,31 @@ def test_random_rotations_are_rotations():
     # Uniform on SO(3): every column is uniform on the sphere, so each entry has mean 0 and variance 1/3.
     np.testing.assert_allclose(rotations.mean(0), 0.0, atol=0.05)
     np.testing.assert_allclose(rotations.var(0), 1 / 3, atol=0.04)
+
+
+def test_train_vae_resumes_to_the_uninterrupted_weights(world, tmp_path):
+    args = ["--data", str(world), *ARGS, "--steps", "6", "--stretch", "1.5", "--rotate", "0.5", "--save-every", "2"]
+    straight = train_vae.main([*args, "--out", str(tmp_path / "straight")])
+    assert not (tmp_path / "straight" / "checkpoint").exists()  # a finished run keeps only the VAE and metrics
+
+    sittings = tmp_path / "sittings"
+    assert train_vae.main([*args, "--out", str(sittings), "--stop-after", "3"]) == {"stopped_at": 3, "steps": 6}
+    assert (sittings / "checkpoint" / "state.pt").is_file() and not (sittings / "vae").exists()
+    with pytest.raises(ValueError, match="pass --resume"):  # a fresh run never silently restarts over a checkpoint
+        train_vae.main([*args, "--out", str(sittings)])
+    with pytest.raises(ValueError, match=r"--lr 0.001 \(now 0.002\)"):
+        train_vae.main([*args, "--out", str(sittings), "--resume", "--lr", "2e-3"])
+    assert train_vae.main([*args, "--out", str(sittings), "--resume", "--stop-after", "2"])["stopped_at"] == 5
+    resumed = train_vae.main([*args, "--out", str(sittings), "--resume"])
+
+    for name, value in ShapeVAE.from_pretrained(tmp_path / "straight" / "vae").state_dict().items():
+        torch.testing.assert_close(ShapeVAE.from_pretrained(sittings / "vae").state_dict()[name], value, rtol=0, atol=0)
+    assert resumed["history"] == straight["history"] and resumed["heldout"] == straight["heldout"]
+
+
+def test_train_vae_uses_the_checkpoint_left_by_a_kill_between_renames(world, tmp_path):
+    args = ["--data", str(world), *ARGS, "--out", str(tmp_path / "run")]
+    train_vae.main([*args, "--stop-after", "2"])
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / "checkpoint.old")  # the state save_training_state
+    assert train_vae.main([*args, "--resume", "--stop-after", "1"])["stopped_at"] == 3  # leaves mid-rename
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint*")) == ["checkpoint"]

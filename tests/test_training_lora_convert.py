@@ -143,6 +143,8 @@ def _official_state_dict(processor, extra_rows=0):
     official["language_model.lm_head.weight"] = official["language_model.model.embed_tokens.weight"].clone()
     official["obj_und_connector.fc1.weight"] = torch.randn(hidden, 1152)
     official["obj_und_connector.fc1.bias"] = torch.randn(hidden)
+    official["obj_und_connector.fc2.weight"] = torch.randn(hidden, hidden)
+    official["obj_und_connector.fc2.bias"] = torch.randn(hidden)
     return official
 
 
@@ -153,11 +155,12 @@ def test_convert_official_checkpoint(tmp_path, qwen_folder, processor):
               "--num-shape-tokens", "8"]
     model, summary = convert_main(["--ema", str(tmp_path / "ema.safetensors"), "--out", str(tmp_path / "out"),
                                    *common])
-    assert sorted(summary["dropped"]) == ["obj_und_connector.fc1.bias", "obj_und_connector.fc1.weight"]
-    assert json.loads((tmp_path / "out" / "conversion_summary.json").read_text())["dropped"]
+    assert summary["header"]["point_feature_dim"] == 1152  # the PointBERT connector, kept
+    assert json.loads((tmp_path / "out" / "conversion_summary.json").read_text())["num_converted"] == len(official)
     state = _model_from_folder(str(tmp_path / "out")).state_dict()
     for key in ("language_model.model.layers.1.self_attn.k_proj_block_ar.weight", "vit_model.blocks.0.attn.qkv.weight",
-                "time_embedder.mlp.0.weight", "obj2llm.weight", "llm2obj.bias", "language_model.model.norm_block_ar.weight"):
+                "time_embedder.mlp.0.weight", "obj2llm.weight", "llm2obj.bias", "language_model.model.norm_block_ar.weight",
+                "obj_und_connector.fc1.weight", "obj_und_connector.fc2.bias"):
         torch.testing.assert_close(state[rename_official_key(key)], official[key])
     embed = state["model.language_model.embed_tokens.weight"]
     rows = official["language_model.model.embed_tokens.weight"]

@@ -43,6 +43,10 @@ class CGMLLMDataCollator:
         max_tokens: token budget of a packed row; None puts one sample per (right-padded) row, unpacked.
         seed: base seed of the per-sample randomness.
         vae: optional frozen ShapeVAE for on-the-fly encoding.
+        point_encoder: a frozen [`PointBERTEncoder`] for examples with a `point_cloud` (PointLLM's caption set, xyz +
+            rgb, already normalised by the loader). Such an example does 3D captioning only, asked its own `question`,
+            and its block holds the encoder's `1 + num_group` feature rows: the batch carries `point_features` for the
+            model's `obj_und_connector` instead of `shape_latents` (one kind per batch: the model takes one).
         return_uids: add `sample_uids` (the batch's sample ids, in order) to the batch. `CGMLLMTrainer` turns it on
             to name the samples of a batch whose loss is not finite, and removes the key before the forward.
 
@@ -59,6 +63,7 @@ class CGMLLMDataCollator:
     num_surface_points: int | None = None
     epoch: int = 0
     return_uids: bool = False
+    point_encoder: object = None
 
     def __post_init__(self):
         unknown = set(self.task_weights) - set(TASKS)
@@ -101,11 +106,6 @@ class CGMLLMDataCollator:
             latents = encode_latents(self.vae, surface, n, seed=self.seed)
             check_finite_samples(latents, [example.get("uid")], f"The ShapeVAE latents (N={n})")
             return latents[0]
-        if example.get("point_cloud") is not None:
-            raise ValueError(
-                f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`, xyz + rgb: PointLLM's caption "
-                "set), not a shape the ShapeVAE encodes; it serves the PointBERT captioning path only."
-            )
         raise ValueError(
             f"Sample {example.get('uid')!r} has no `latents_{n}` / `latents` column and no VAE was given to encode "
             "its shape on the fly."
@@ -117,12 +117,28 @@ class CGMLLMDataCollator:
         has_caption = isinstance(caption, str) and bool(caption.strip())
         tasks = [t for t, w in self.task_weights.items() if w > 0 and (has_image or t not in IMAGE_TASKS)
                  and (has_caption or t not in CAPTION_TASKS)]
+        if example.get("point_cloud") is not None:  # a PointBERT cloud is captioned, never generated
+            tasks = [t for t in tasks if t == "shape_caption"]
         if not tasks:
             lacks = " and no ".join(what for what, present in (("image", has_image), ("caption", has_caption))
                                     if not present)
             raise ValueError(f"Sample {example.get('uid')!r} fits none of the tasks {sorted(self.task_weights)}: it "
                              f"has no {lacks}.")
         return rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
+
+    def _point_features(self, example) -> torch.Tensor:
+        """`(1 + num_group, trans_dim)` PointBERT features of the example's `point_cloud`."""
+        if self.point_encoder is None:
+            raise ValueError(
+                f"Sample {example.get('uid')!r} is a PointBERT cloud (`point_cloud`: PointLLM's caption set, xyz + "
+                "rgb), not a shape the ShapeVAE encodes: pass `point_encoder=` (a frozen `cgmllm.PointBERTEncoder`)."
+            )
+        encoder = self.point_encoder
+        cloud = torch.as_tensor(np.asarray(example["point_cloud"], dtype=np.float32))[None]
+        with torch.no_grad():
+            features = encoder(cloud.to(encoder.device)).float().cpu()
+        check_finite_samples(features, [example.get("uid")], "The PointBERT features")
+        return features[0]
 
     @staticmethod
     def _image(example, rng):
@@ -149,11 +165,17 @@ class CGMLLMDataCollator:
             prompt = ("" if drop else processor.image_to_shape_prompt()) + "<shape>"
             images = None if drop else [self._image(example, rng)]
         elif task == "shape_caption":
-            prompt, target = processor.shape_caption_prompt(), processor.caption_target(caption)
+            question = example.get("question")  # PointLLM asks each object its own question
+            prompt = processor.shape_caption_prompt(question) if question else processor.shape_caption_prompt()
+            target = processor.caption_target(caption)
         else:
             prompt, target = processor.image_caption_prompt(), processor.caption_target(caption)
             images = [self._image(example, rng)]
-        encoded = processor(text=prompt, images=images, num_shape_tokens=self.num_shape_tokens, padding=False)
+        point_features = None
+        if "<shape>" in prompt and example.get("point_cloud") is not None:
+            point_features = self._point_features(example)
+        num_rows = self.num_shape_tokens if point_features is None else point_features.shape[0]
+        encoded = processor(text=prompt, images=images, num_shape_tokens=num_rows, padding=False)
         input_ids = encoded["input_ids"][0].tolist()
         labels = [-100] * len(input_ids)
         if target is not None:
@@ -164,7 +186,8 @@ class CGMLLMDataCollator:
             "uid": example.get("uid"),
             "input_ids": input_ids,
             "labels": labels,
-            "latents": self._latents(example) if has_shape else None,
+            "latents": self._latents(example) if has_shape and point_features is None else None,
+            "point_features": point_features,
             "loss_mask": task in GENERATION_TASKS,
             "pixel_values": encoded.get("pixel_values"),
             "image_grid_thw": encoded.get("image_grid_thw"),
@@ -200,7 +223,7 @@ class CGMLLMDataCollator:
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         sample_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        latents, loss_mask, pixel_values, grids = [], [], [], []
+        latents, loss_mask, pixel_values, grids, point_features = [], [], [], [], []
         for r, row in enumerate(rows):
             position = 0
             for k, sample in enumerate(row):
@@ -214,12 +237,23 @@ class CGMLLMDataCollator:
                 if sample["latents"] is not None:
                     latents.append(sample["latents"])
                     loss_mask.append(torch.full((sample["latents"].shape[0],), sample["loss_mask"]))
+                if sample["point_features"] is not None:
+                    point_features.append(sample["point_features"])
                 if sample["pixel_values"] is not None:
                     pixel_values.append(sample["pixel_values"])
                     grids.append(sample["image_grid_thw"])
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.max_tokens is not None:
             batch["packed_sample_ids"] = sample_ids
+        if latents and point_features:
+            raise ValueError(
+                "This batch mixes PointBERT clouds (" + ", ".join(repr(s["uid"]) for s in samples
+                                                         if s["point_features"] is not None) +
+                ") with ShapeVAE shapes: the model takes `point_features` or `shape_latents` per forward, not both. "
+                "Batch the PointLLM set apart (e.g. its own stage or data loader)."
+            )
+        if point_features:
+            batch["point_features"] = torch.cat(point_features)
         if latents:
             batch["shape_latents"] = torch.cat(latents)
             batch["shape_loss_mask"] = torch.cat(loss_mask)

@@ -8,22 +8,31 @@
         rewrite the remote-code copies (`*.py`, `auto_map`) of a saved pipeline folder from the installed package
         (`remote_code.refresh_remote_code`), e.g. after changing a model file, for the shipped checkpoints/tiny-world.
 
-    cgmllm-convert-official --ema ema.safetensors --qwen3-vl QWEN_DIR --shape-vae VAE --out DIR
-        the released `JreamH/CGMLLM` weights renamed into this package's layout (official_cgmllm.md §1.5):
+    cgmllm-convert-official --ema ema.safetensors --qwen3-vl QWEN_DIR --shape-vae VAE --out DIR [--point-bert PT]
+        a released checkpoint renamed into this package's layout (official_cgmllm.md §1.5). Both releases work:
+        `JreamH/CGMLLM` (Qwen3-VL-2B backbone, all tasks) and `JreamH/CGMLLM-4B-i2o` (Qwen3-VL-4B, image -> 3D only,
+        no `obj_understanding` connector); every size comes from the checkpoint header and the Qwen3-VL folder
+        (which must be the matching backbone: a hidden-size mismatch stops the conversion before any weight loads):
 
             language_model.model.X     -> model.language_model.X      (TokenAR, BlockAR `*_block_ar`, norms)
             language_model.lm_head.weight -> lm_head.weight           (tied; taken from embed_tokens if absent)
             vit_model.X                -> model.visual.X
             time_embedder.X / obj2llm.X -> model.time_embedder.X / model.obj2llm.X
+            obj_und_connector.X        -> model.obj_und_connector.X   (3D understanding; its input width, 1152 for
+                                                                       PointBERT or 64 for VAE latents, sets
+                                                                       `config.point_feature_dim`)
             llm2obj.X                  -> llm2obj.X
-            obj_und_connector.*        dropped on purpose: it maps PointBERT features (a separate encoder this
-                                       package does not use); our mesh -> text path feeds clean VAE latents through
-                                       `obj2llm`. Reported in `conversion_summary.json`.
 
-        Vocabulary: the official matrix has R rows (151671: Qwen's 151669 tokens + `<|obj_start|>`, `<|obj_end|>`).
-        Rows 0..R-3 go to the same ids, rows R-2 / R-1 to our `<|obj_start|>` / `<|obj_end|>` ids; our extra
-        `<|obj_pad|>` token (whose input embedding is always replaced by a latent) gets the mean row. Every official
-        key must be used and every model weight filled, or the conversion fails naming the leftovers.
+        `--point-bert point_bert_v1.1.pt` adds PointLLM's PointBERT as the pipeline's `point_encoder`, so that
+        `pipe.caption(mesh=...)` follows the official 3D-captioning path.
+
+        Vocabulary: the official matrix has R rows (151671 for the 2B release: Qwen's 151669 tokens +
+        `<|obj_start|>`, `<|obj_end|>`). The converted model has one row per tokenizer entry: with the stock Qwen3-VL
+        tokenizer that is the R official rows at the same ids plus one row for this package's extra `<|obj_pad|>`
+        token (id R; its input embedding is always replaced by a latent or point feature, so it is initialised to the
+        mean row). For a tokenizer that puts the 3D tokens elsewhere, rows 0..R-3 keep their ids and rows R-2 / R-1
+        move to its `<|obj_start|>` / `<|obj_end|>` ids. An embedding and an `lm_head` with different row counts,
+        an unmapped official key or an unfilled model weight stop the conversion with the names.
 
 Both write `DIR/` with `CGMLLMPipeline.save_pretrained` when the pipeline class is available, else the subfolders
 `model/`, `processor/`, `vae/`.
@@ -45,11 +54,12 @@ RENAMES = (
     ("vit_model.", "model.visual."),
     ("time_embedder.", "model.time_embedder."),
     ("obj2llm.", "model.obj2llm."),
+    ("obj_und_connector.", "model.obj_und_connector."),
     ("llm2obj.", "llm2obj."),
 )
-DROPPED_PREFIXES = {
-    "obj_und_connector.": "PointBERT 3D-understanding connector; this package captions meshes from clean VAE latents",
-}
+OFFICIAL_EMBED_KEY = "language_model.model.embed_tokens.weight"
+OFFICIAL_LM_HEAD_KEY = "language_model.lm_head.weight"
+OFFICIAL_CONNECTOR_KEY = "obj_und_connector.fc1.weight"
 EMBED_KEY = "model.language_model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
 
@@ -68,12 +78,10 @@ def convert_official_state_dict(official: dict, model, obj_start_id: int, obj_en
     unfilled, or shape mismatches.
     """
     target = model.state_dict()
-    converted, dropped, unknown = {}, {}, []
+    check_official_vocabulary({k: tuple(v.shape) for k, v in official.items() if k in (OFFICIAL_EMBED_KEY,
+                                                                                         OFFICIAL_LM_HEAD_KEY)})
+    converted, unknown = {}, []
     for key, value in official.items():
-        reason = next((why for prefix, why in DROPPED_PREFIXES.items() if key.startswith(prefix)), None)
-        if reason is not None:
-            dropped[key] = reason
-            continue
         new = rename_official_key(key)
         if new is None or new not in target:
             unknown.append(key if new is None else f"{key} (-> {new})")
@@ -121,13 +129,53 @@ def convert_official_state_dict(official: dict, model, obj_start_id: int, obj_en
                   for k, v in converted.items() if tuple(v.shape) != tuple(target[k].shape)]
     if mismatched:
         raise ValueError(f"Shape mismatches: {mismatched[:20]}")
-    summary = {"num_official_keys": len(official), "num_converted": len(converted), "dropped": dropped,
+    summary = {"num_official_keys": len(official), "num_converted": len(converted),
                "vocab": vocab_info, "dtypes": sorted({str(v.dtype) for v in official.values()})}
     return converted, summary
 
 
+def read_official_header(ema) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an `ema.safetensors`, read from its header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = os.fspath(ema)
+    if not os.path.isfile(path):
+        raise ValueError(f"No official checkpoint at {path!r}.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # not a safetensors file
+        raise ValueError(f"{path!r} is not a safetensors checkpoint: {error}") from error
+
+
+def check_official_vocabulary(shapes: dict) -> int | None:
+    """The official vocabulary size from the embedding / lm_head shapes; a disagreement is an error."""
+    embed, head = shapes.get(OFFICIAL_EMBED_KEY), shapes.get(OFFICIAL_LM_HEAD_KEY)
+    if embed is not None and head is not None and embed[0] != head[0]:
+        raise ValueError(
+            f"The official checkpoint's embedding has {embed[0]} rows but its lm_head has {head[0]}; the release ties "
+            "them, so this file is not a CG-MLLM release (or is damaged)."
+        )
+    return embed[0] if embed is not None else (head[0] if head is not None else None)
+
+
+def describe_official_header(shapes: dict) -> dict:
+    """What the header says: backbone sizes, vocabulary, the 3D-understanding connector's input width."""
+    if OFFICIAL_EMBED_KEY not in shapes and OFFICIAL_LM_HEAD_KEY not in shapes:
+        raise ValueError(
+            f"The checkpoint has neither {OFFICIAL_EMBED_KEY!r} nor {OFFICIAL_LM_HEAD_KEY!r}; it is not an official "
+            "CG-MLLM `ema.safetensors`."
+        )
+    rows = check_official_vocabulary(shapes)
+    hidden = (shapes.get(OFFICIAL_EMBED_KEY) or shapes[OFFICIAL_LM_HEAD_KEY])[1]
+    layers = {int(k.split(".")[3]) for k in shapes if k.startswith("language_model.model.layers.")}
+    connector = shapes.get(OFFICIAL_CONNECTOR_KEY)
+    return {"vocab_rows": rows, "hidden_size": hidden, "num_hidden_layers": len(layers),
+            "point_feature_dim": connector[1] if connector is not None else None}
+
+
 # ----------------------------------------------------------------------------------------------------------------
-def save_pipeline_folder(out, model, processor, vae) -> str:
+def save_pipeline_folder(out, model, processor, vae, point_encoder=None) -> str:
     """Write the pipeline folder (CGMLLMPipeline layout when available, else model/processor/vae subfolders)."""
     os.makedirs(out, exist_ok=True)
     try:
@@ -141,9 +189,12 @@ def save_pipeline_folder(out, model, processor, vae) -> str:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        pipe = CGMLLMPipeline(model=model, vae=vae, scheduler=scheduler, processor=processor)
+        components = {"point_encoder": point_encoder} if point_encoder is not None else {}
+        pipe = CGMLLMPipeline(model=model, vae=vae, scheduler=scheduler, processor=processor, **components)
         pipe.save_pretrained(out)
         return "pipeline"
+    if point_encoder is not None:
+        point_encoder.save_pretrained(os.path.join(out, "point_encoder"))
     model.save_pretrained(os.path.join(out, "model"))
     processor.save_pretrained(os.path.join(out, "processor"))
     vae.save_pretrained(os.path.join(out, "vae"))
@@ -155,37 +206,80 @@ def _dtype(name):
 
 
 def build(qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None):
-    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, "qwen3_vl")
     layout = save_pipeline_folder(out, model, processor, vae)
     return model, processor, vae, layout
 
 
-def convert_official(ema, qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None):
+def convert_official(ema, qwen3_vl, shape_vae, out, num_shape_tokens: int = 4096, torch_dtype=None,
+                     point_bert=None):
     from safetensors.torch import load_file
 
+    header = describe_official_header(read_official_header(ema))
+    _check_backbone(header, qwen3_vl)
+    point_encoder = None
+    if point_bert is not None:
+        if header["point_feature_dim"] is None:
+            raise ValueError(
+                "--point-bert was given, but the checkpoint has no `obj_und_connector` (an image -> 3D only release "
+                "such as JreamH/CGMLLM-4B-i2o): it cannot caption 3D objects."
+            )
+        from cgmllm import PointBERTEncoder
+
+        # PointLLM's sizes, at the width the checkpoint's connector takes (1152 for the release); a file of another
+        # width fails with its shapes listed.
+        point_encoder = PointBERTEncoder.from_pointllm(point_bert, trans_dim=header["point_feature_dim"])
+    # The released weights saw the official image preprocessing (resize rule, JPEG round trip for image -> 3D).
+    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, "official",
+                                             point_feature_dim=header["point_feature_dim"])
+    # One embedding row per tokenizer entry (the official rows + `<|obj_pad|>` with the stock tokenizer).
+    if model.get_input_embeddings().weight.shape[0] != len(processor.tokenizer):
+        model.resize_token_embeddings(len(processor.tokenizer))
     official = load_file(os.fspath(ema))
-    model, processor, vae = _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype)
     ids = processor.special_token_ids
     state, summary = convert_official_state_dict(official, model, ids["obj_start_token_id"],
                                                  ids["obj_end_token_id"], ids["obj_pad_token_id"])
     model.load_state_dict(state, strict=True)
-    summary["layout"] = save_pipeline_folder(out, model, processor, vae)
+    summary["header"] = header
+    summary["point_encoder"] = os.fspath(point_bert) if point_bert is not None else None
+    summary["layout"] = save_pipeline_folder(out, model, processor, vae, point_encoder)
     with open(os.path.join(out, "conversion_summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    logger.info("Converted %d keys; dropped %d (%s).", summary["num_converted"], len(summary["dropped"]),
-                ", ".join(sorted({k.split(".")[0] for k in summary["dropped"]})) or "none")
+    logger.info("Converted %d keys (hidden %d, %d layers, %d vocabulary rows, 3D-understanding input %s).",
+                summary["num_converted"], header["hidden_size"], header["num_hidden_layers"], header["vocab_rows"],
+                header["point_feature_dim"])
     return model, summary
 
 
-def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype):
+def _check_backbone(header: dict, qwen3_vl) -> None:
+    """The Qwen3-VL folder must be the checkpoint's backbone (2B for JreamH/CGMLLM, 4B for JreamH/CGMLLM-4B-i2o)."""
+    from transformers import AutoConfig
+
+    try:
+        text = AutoConfig.from_pretrained(os.fspath(qwen3_vl)).get_text_config()
+    except Exception as error:
+        raise ValueError(f"Could not read a Qwen3-VL config from {os.fspath(qwen3_vl)!r}: {error}") from error
+    ours = {"hidden_size": text.hidden_size, "num_hidden_layers": text.num_hidden_layers}
+    theirs = {key: header[key] for key in ours}
+    if ours != theirs:
+        raise ValueError(
+            f"The checkpoint's backbone has {theirs} but the Qwen3-VL folder {os.fspath(qwen3_vl)!r} has {ours}; pass "
+            "the matching Qwen3-VL (Qwen3-VL-2B-Instruct for JreamH/CGMLLM, Qwen3-VL-4B-Instruct for "
+            "JreamH/CGMLLM-4B-i2o)."
+        )
+
+
+def _build_in_memory(qwen3_vl, shape_vae, num_shape_tokens, torch_dtype, image_preprocessing,
+                     point_feature_dim=None):
     from cgmllm import CGMLLMForConditionalGeneration, CGMLLMProcessor
     from cgmllm.modeling_shape_vae import ShapeVAE
 
-    processor = CGMLLMProcessor.from_qwen3_vl(qwen3_vl, num_shape_tokens=num_shape_tokens)
+    processor = CGMLLMProcessor.from_qwen3_vl(qwen3_vl, num_shape_tokens=num_shape_tokens,
+                                              image_preprocessing=image_preprocessing)
     vae = ShapeVAE.from_hunyuan3d(shape_vae, torch_dtype=torch_dtype)
     model = CGMLLMForConditionalGeneration.from_qwen3_vl(
         qwen3_vl, torch_dtype=torch_dtype, num_shape_tokens=num_shape_tokens,
-        shape_latent_channels=vae.config.embed_dim,
+        shape_latent_channels=vae.config.embed_dim, point_feature_dim=point_feature_dim,
     )
     return model, processor, vae
 
@@ -237,12 +331,14 @@ def build_main(argv=None):
 def convert_main(argv=None):
     parser = argparse.ArgumentParser(prog="cgmllm-convert-official",
                                      description="Convert the official CG-MLLM ema.safetensors.")
-    parser.add_argument("--ema", required=True, help="official ema.safetensors")
+    parser.add_argument("--ema", required=True, help="official ema.safetensors (JreamH/CGMLLM or CGMLLM-4B-i2o)")
+    parser.add_argument("--point-bert", default=None,
+                        help="PointLLM's point_bert_v1.1.pt: adds the PointBERT encoder for 3D captioning")
     _common_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     return convert_official(args.ema, args.qwen3_vl, args.shape_vae, args.out, args.num_shape_tokens,
-                            _dtype(args.dtype))
+                            _dtype(args.dtype), point_bert=args.point_bert)
 
 
 def build_script(argv=None) -> int:
@@ -258,5 +354,6 @@ def convert_script(argv=None) -> int:
     return 0
 
 
-__all__ = ["RENAMES", "build", "build_main", "build_script", "convert_main", "convert_official",
-           "convert_official_state_dict", "convert_script", "rename_official_key", "save_pipeline_folder"]
+__all__ = ["RENAMES", "build", "build_main", "build_script", "check_official_vocabulary", "convert_main",
+           "convert_official", "convert_official_state_dict", "convert_script", "describe_official_header",
+           "read_official_header", "rename_official_key", "save_pipeline_folder"]

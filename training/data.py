@@ -15,7 +15,8 @@ and exactly one shape column
     point_cloud  Array2D((None, 6), float32)   xyz + rgb, normalised for PointBERT (PointLLM)
 and optionally the views of the object
     image        Image()              one view (meshfolder metadata `image` column: embedded bytes or a file name)
-    images       List(Image())        several views (t500k `image_list`); the collator draws one per sample and epoch
+    images       List(Image())        several views (t500k `image_list`, Hunyuan3D-2.1 `render_cond/*.png`); the
+                                      collator draws one per sample and epoch
 
 Layouts (`layout=`):
     meshfolder    `DIR/[split/]*.glb|ply|stl|obj|off` + `metadata.csv|jsonl|parquet` with `file_name` and a caption
@@ -25,7 +26,8 @@ Layouts (`layout=`):
                   meshes or `.npy` clouds named `<uid>.<ext>`: `{"captions": CSV, "shapes": DIR}`, or a folder with
                   exactly one `.csv` next to the shapes (or a `shapes/` subfolder). Duplicate uids keep their first
                   row and `NA` / `nan` / empty captions are dropped, each with a warning naming the uids.
-    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively).
+    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively). In its
+                  `<uid>/geo_data/` tree, the renders `<uid>/render_cond/*.png` become the `images` column.
     parquet       parquet file(s) with a caption column and a mesh column (a `Mesh()` struct or raw bytes).
     cgmllm_t500k  the official CG-MLLM 3D sets (see `cgmllm.training.official_data`).
     pointllm      PointLLM's caption set: `{"captions": JSONL, "shapes": 8192_npy/}`, or a folder holding one
@@ -115,8 +117,10 @@ def load_caption_dataset(
 
 def detect_layout(path_or_spec) -> str:
     if isinstance(path_or_spec, dict):
-        captions = str(path_or_spec.get("captions", ""))
-        return "pointllm" if captions.endswith((".jsonl", ".json")) else "cap3d"
+        if str(path_or_spec.get("captions", "")).endswith((".jsonl", ".json")):
+            return "pointllm"
+        shapes = Path(path_or_spec.get("shapes", ""))
+        return "hunyuan3d" if shapes.is_dir() and next(shapes.rglob(f"*{SURFACE_SUFFIX}"), None) else "cap3d"
     path = Path(path_or_spec)
     if path.is_file() and path.suffix == ".parquet" or "*" in str(path_or_spec):
         return "parquet"
@@ -146,11 +150,13 @@ def detect_layout(path_or_spec) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Shared machinery: derived columns, bad-sample screening, warnings
 # ----------------------------------------------------------------------------------------------------------------
-def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=None, desc=None):
+def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=None, desc=None, files=None):
     """Columns computed by `function(batch)` from the `inputs` columns, next to the untouched `keep` columns.
 
     On a `Dataset` only the derived columns are written (the kept ones, e.g. surface bytes or views, are joined
-    without being copied); on an `IterableDataset` everything is computed as it is iterated.
+    without being copied); on an `IterableDataset` everything is computed as it is iterated. `files`: the shape files
+    `function` reads, when `datasets` does not know them (they are not the data files it loaded): their sizes and
+    modification times enter the cache fingerprint, so that a changed file is read again, never served stale.
     """
     keep = [name for name in keep if name in dataset.column_names]
     if not isinstance(dataset, IterableDataset) and len(dataset) == 0:  # `map` of nothing yields no columns
@@ -159,9 +165,29 @@ def _derive(dataset, function, inputs, features: Features, keep=(), num_proc=Non
         kept = Features({name: dataset.features[name] for name in keep})
         drop = [name for name in dataset.column_names if name not in keep]
         return dataset.map(function, batched=True, remove_columns=drop, features=Features({**features, **kept}))
-    derived = dataset.select_columns(list(inputs)).map(
-        function, batched=True, remove_columns=list(inputs), features=features, num_proc=num_proc, desc=desc)
+    source = dataset.select_columns(list(inputs))
+    fingerprint = None
+    if files is not None:
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash([source._fingerprint, function, features, _files_signature(files)])
+    derived = source.map(function, batched=True, remove_columns=list(inputs), features=features, num_proc=num_proc,
+                         desc=desc, new_fingerprint=fingerprint)
     return concatenate_datasets([derived, dataset.select_columns(keep)], axis=1) if keep else derived
+
+
+def _files_signature(paths) -> str:
+    """A hash of the files' paths, sizes and modification times (one `stat` each)."""
+    from datasets.fingerprint import Hasher
+
+    stats = []
+    for path in sorted(paths):
+        try:
+            info = os.stat(path)
+            stats.append((path, info.st_size, info.st_mtime_ns))
+        except OSError:
+            stats.append((path, None, None))
+    return Hasher.hash(stats)
 
 
 def _known_features(dataset):
@@ -369,6 +395,16 @@ def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
     return index, kinds.pop()
 
 
+def _hunyuan3d_views(index: dict[str, str]) -> dict[str, list[str]]:
+    """uid -> the `*.png` renders of Hunyuan3D-2.1's `<uid>/render_cond/` next to `<uid>/geo_data/` (if any)."""
+    views = {}
+    for uid, surface_file in index.items():
+        folder = Path(surface_file).parent.parent / "render_cond"
+        if Path(surface_file).parent.name == "geo_data" and folder.is_dir():
+            views[uid] = sorted(str(path) for path in folder.glob("*.png"))
+    return {uid: paths for uid, paths in views.items() if paths}
+
+
 def _clean_caption_table(captions, streaming: bool):
     """Cap3D: keep the first row of a duplicated uid and drop `NA` / `nan` / empty captions, warning with the uids."""
     if streaming:
@@ -422,6 +458,9 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
         shape_feature = {"mesh": Mesh(decode=False), "surface_file": Value("string")}[kind]
     features = Features({"uid": Value("string"), "caption": Value("string"), kind: shape_feature,
                          "_error": Value("string")})
+    views = _hunyuan3d_views(index) if layout == "hunyuan3d" else {}
+    if views:
+        features["images"] = List(Image())
 
     def rows(batch):
         out = {name: [] for name in features}
@@ -439,9 +478,12 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
                 error = _shape_error(kind, value) if validate else None
             for name, item in (("uid", uid), ("caption", caption), (kind, value), ("_error", error)):
                 out[name].append(item)
+            if views:
+                out["images"].append([{"path": view, "bytes": None} for view in views.get(uid, [])])
         return out
 
-    return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes")
+    return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes",
+                   files=index.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,8 +571,9 @@ def _pointllm(spec, validate, streaming, num_proc):
         raise ValueError(f"{jsonl} lacks {missing}; expected PointLLM records {{'object_id', 'conversations'}}.")
     features = Features({"uid": Value("string"), "caption": Value("string"), "question": Value("string"),
                          "point_cloud": Array2D((None, 6), "float32"), "_error": Value("string")})
+    clouds = [] if streaming else [entry.path for entry in os.scandir(points_dir) if entry.name.endswith(".npy")]
     return _derive(records, lambda batch: pointllm_rows(batch, str(points_dir)), ["object_id", "conversations"],
-                   features, num_proc=num_proc, desc="Reading PointLLM clouds")
+                   features, num_proc=num_proc, desc="Reading PointLLM clouds", files=clouds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

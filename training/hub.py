@@ -21,7 +21,7 @@ pipe = CGMLLMPipeline.from_pretrained("{repo_id}")   # without the package: Diff
 pipe.to("cuda", torch.bfloat16)
 
 # text -> 3D and image -> 3D
-pipe("a red sports car", num_inference_steps=50, guidance_scale=7.5,
+pipe("a red sports car", num_inference_steps=49, guidance_scale=7.5,
      generator=torch.Generator().manual_seed(42)).mesh.export("car.glb")
 pipe(image="car.png").mesh.export("car_from_image.glb")
 

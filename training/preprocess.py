@@ -51,14 +51,18 @@ def encode_latents(vae, surfaces: torch.Tensor, num_latents: int, seed: int = 0)
     return posterior.sample(generator).float().cpu()
 
 
-def encode_dataset(dataset: Dataset, vae, num_latents=512, num_points: int | None = None,
+def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num_points: int | None = None,
                    num_sharp_points: int | None = None, seed: int = 0, batch_size: int = 8) -> Dataset:
     """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption` (and `captions`
-    paraphrases and the `image` view when the data set has them) and the latent column(s).
+    paraphrases, `question`, the `image` / `images` views when the data set has them) and the latent column(s).
 
     Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
-    uses seed `seed + i`, so the cache is reproducible.
+    uses seed `seed + i`, so the cache is reproducible. An `IterableDataset` (streaming) is encoded as it is iterated.
     """
+    if "point_cloud" in dataset.column_names:
+        raise ValueError("This data set holds PointBERT clouds (`point_cloud`: xyz + rgb, PointLLM's caption set), not "
+                         "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT captioning "
+                         "path directly, without a latent cache.")
     sizes = [num_latents] if isinstance(num_latents, int) else list(num_latents)
     num_points = vae.config.pc_size if num_points is None else num_points
     num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points

@@ -10,10 +10,18 @@ area-uniform, half on sharp edges, as the processor does) and occupancy-labelled
 training step is only the VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries.
 At the end the VAE is saved to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction
 IoU to `OUT/metrics.json`.
+
+Long runs in several sittings: every `--save-every` steps the whole training state (weights, optimizer, schedule,
+both random streams, history) goes to `OUT/checkpoint/state.pt`, written to a temporary folder and renamed, so a kill
+at any moment leaves the previous checkpoint usable. `--resume` continues from it and ends with exactly the weights
+of an uninterrupted run; `--stop-after K` ends a sitting after K more steps (with a checkpoint). A run with other
+training arguments than the checkpoint's is refused, naming them.
 """
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -211,7 +219,53 @@ def evaluate_iou(vae, data: dict[str, np.ndarray], num_latents: int, num_uniform
     return {"iou": float(np.mean(ious)), "iou_all": float(np.mean(ious_all)), "recon_loss": sum(losses) / count}
 
 
+CHECKPOINT_DIR = "checkpoint"
+# Arguments that may differ between the sittings of one run (they do not change what is computed).
+_SITTING_ARGS = ("resume", "stop_after", "save_every", "threads", "log_every", "num_workers")
+
+
+def _run_key(args) -> dict:
+    return {name: value for name, value in sorted(vars(args).items()) if name not in _SITTING_ARGS}
+
+
+def save_training_state(out: Path, state: dict):
+    """Write `state` to `out/checkpoint/state.pt` atomically: a temporary folder, then a rename over the old one."""
+    final, temporary = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    torch.save(state, temporary / "state.pt")
+    old = out / (CHECKPOINT_DIR + ".old")
+    if final.exists():  # (else `old` may be the only complete checkpoint: keep it until `final` is in place)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(temporary, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(out: Path, args) -> dict | None:
+    """The checkpoint of an earlier sitting of this run (`None` when there is none), checked against `args`."""
+    path = out / CHECKPOINT_DIR / "state.pt"
+    if not path.is_file():
+        old = out / (CHECKPOINT_DIR + ".old") / "state.pt"  # a kill between the two renames of save_training_state
+        path = old if old.is_file() else path
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG state is a dict
+    saved, current = state["run_key"], _run_key(args)
+    differing = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    if differing:
+        details = ", ".join(f"--{name.replace('_', '-')} {saved.get(name)!r} (now {current.get(name)!r})"
+                            for name in differing)
+        raise ValueError(f"{path} was written by a run with other arguments: {details}. Resume with the same "
+                         "arguments, or train into a new --out.")
+    return state
+
+
 def train_vae(args) -> dict:
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be at least 1 step, got {args.stop_after}.")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be >= 0 (0: only when stopping early), got {args.save_every}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -246,8 +300,34 @@ def train_vae(args) -> dict:
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     num_meshes, total_queries = train["points"].shape[:2]
-    step_times, history = [], []
-    for step in range(args.steps):
+    step_times, history, first_step = [], [], 0
+    if args.resume:
+        state = load_training_state(out, args)
+        if state is None:
+            print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting at step 0")
+        else:
+            vae.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rng.bit_generator.state = state["numpy_rng"]
+            generator.set_state(state["torch_generator"])
+            history, first_step = state["history"], state["step"]
+            timings["train_s_before_resume"] = state["train_s"]
+            print(f"resumed from {out / CHECKPOINT_DIR} at step {first_step}")
+    elif (out / CHECKPOINT_DIR).exists() or (out / (CHECKPOINT_DIR + ".old")).exists():
+        raise ValueError(f"{out} holds a checkpoint of an earlier run ({out / CHECKPOINT_DIR}); pass --resume to "
+                         "continue it, or train into a new --out.")
+    last_step = args.steps if args.stop_after is None else min(args.steps, first_step + args.stop_after)
+
+    def checkpoint(step):
+        save_training_state(out, {
+            "run_key": _run_key(args), "step": step, "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "numpy_rng": rng.bit_generator.state,
+            "torch_generator": generator.get_state(), "history": history,
+            "train_s": timings.get("train_s_before_resume", 0.0) + float(sum(step_times)),
+        })
+
+    for step in range(first_step, last_step):
         tick = time.perf_counter()
         index = rng.choice(num_meshes, size=min(args.batch_size, num_meshes), replace=False)
         queries = rng.choice(total_queries, size=min(args.queries_per_step, total_queries), replace=False)
@@ -270,7 +350,13 @@ def train_vae(args) -> dict:
             history.append({"step": step, "recon_loss": loss.recon_loss.item(), "kl": loss.kl_loss.item()})
             print(f"step {step:5d}  recon {loss.recon_loss.item():.4f}  kl {loss.kl_loss.item():.3f}  "
                   f"{np.mean(step_times[-args.log_every:]):.3f}s/step")
-    timings["train_s"] = float(sum(step_times))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            checkpoint(step + 1)
+    if last_step < args.steps:
+        checkpoint(last_step)
+        print(f"stopped after step {last_step} of {args.steps} (--stop-after); continue with --resume")
+        return {"stopped_at": last_step, "steps": args.steps}
+    timings["train_s"] = timings.pop("train_s_before_resume", 0.0) + float(sum(step_times))
     timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
 
     metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files),
@@ -286,6 +372,8 @@ def train_vae(args) -> dict:
             print(f"{name}: IoU {metrics[name]['iou']:.3f} (all queries {metrics[name]['iou_all']:.3f})")
     vae.eval().save_pretrained(out / "vae")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for folder in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # finished: the saved VAE and metrics replace them
+        shutil.rmtree(out / folder, ignore_errors=True)
     return metrics
 
 
@@ -333,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=500,
+                        help="write OUT/checkpoint every this many steps (0: only when stopping early)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same arguments)")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="end this sitting after this many more steps, with a checkpoint; --resume continues")
     return parser
 
 

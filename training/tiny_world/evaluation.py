@@ -9,12 +9,14 @@ numbers, so the benchmark prints them as a table and the test suite checks a flo
 * `text_to_shape`        generate from the captions; family accuracy (`classify_family`), proportion and
                          orientation accuracy (`classify_proportion` / `classify_orientation` against the same
                          classifiers on the ground-truth mesh);
-* `shape_to_caption`     caption the ground-truth meshes; family-word accuracy, BLEU-1 and ROUGE-L (PointLLM's
-                         protocol: nltk `sentence_bleu` weights (1, 0, 0, 0) with smoothing method1, the `rouge`
-                         package's ROUGE-L F, both x100) against the sample's paraphrases as references;
+* `shape_to_caption`     caption the ground-truth meshes; family-word accuracy and the caption metrics of
+                         `cgmllm.evaluation.caption_metrics` (PointLLM's protocol: BLEU-1..4, ROUGE-L, METEOR, x100)
+                         against the sample's paraphrases as references;
 * `image_to_caption`     the same for the rendered views (the data set's `image` column);
 * `text_to_shape(..., condition="image")`  image -> 3D from the rendered views, scored as text -> 3D;
-* `family_accuracy_by_prompt`  text -> 3D family accuracy per prompt, worst first (which combinations fail).
+* `family_accuracy_by_prompt`  text -> 3D family accuracy per prompt, worst first (which combinations fail);
+* `point_cloud_distances`  p-FID / p-KID (`cgmllm.evaluation.compute_pfid_pkid`) of generated meshes against the
+                         held-out ground truth, with the tiny world's PointNet++ (`pointnet.py`).
 """
 
 import time
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import trimesh
 
+from ...evaluation import caption_metrics, compute_pfid_pkid, sample_point_clouds
 from ...mesh_utils import normalize_mesh, occupancy
 from ...rendering import render_mesh
 from . import (
@@ -136,11 +139,12 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
     arguments go to the pipeline as they are (`guidance_interval=None`: CFG at every step).
 
     Returns `family_accuracy`, `proportion_accuracy` and `orientation_accuracy` (each over the rows where the
-    ground-truth mesh has that property), the per-row `predictions`, and `seconds` spent generating.
+    ground-truth mesh has that property), the per-row `predictions` and generated `meshes` (None where empty), and
+    `seconds` spent generating.
     """
     if condition not in ("text", "image"):
         raise ValueError(f"condition must be 'text' or 'image', got {condition!r}.")
-    predictions, family_hits = [], 0
+    predictions, meshes, family_hits = [], [], 0
     proportion = [0, 0]
     orientation = [0, 0]
     seconds = 0.0
@@ -168,6 +172,7 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
                 orientation[1] += 1
                 orientation[0] += not empty and classify_orientation(mesh) == expected_pose
             predictions.append({"caption": row["caption"], "family": row["family"], "predicted": family})
+            meshes.append(None if empty else mesh)
             if verbose:
                 print(f"  {row['caption']!r:48} -> {family}", flush=True)
     return {
@@ -177,6 +182,7 @@ def text_to_shape(pipe, rows: Sequence[dict], num_inference_steps: int = 25, gui
         "count": len(rows),
         "seconds": seconds,
         "predictions": predictions,
+        "meshes": meshes,
     }
 
 
@@ -199,19 +205,6 @@ def family_accuracy_by_prompt(predictions: Sequence[dict]) -> list[dict]:
     return sorted(groups.values(), key=lambda group: (group["right"] / group["total"], group["caption"]))
 
 
-def caption_scores(candidate: str, references: Sequence[str]) -> tuple[float, float]:
-    """BLEU-1 and ROUGE-L F (x100) of one caption against its references, as PointLLM scores captions (an empty
-    caption is scored as `"##"`). BLEU-1 takes all references at once; ROUGE-L is the best over the references."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-    from rouge import Rouge
-
-    candidate = candidate.strip() or "##"
-    bleu = sentence_bleu([ref.split() for ref in references], candidate.split(), weights=(1, 0, 0, 0),
-                         smoothing_function=SmoothingFunction().method1)
-    rouge = max(Rouge().get_scores(candidate, ref)[0]["rouge-l"]["f"] for ref in references)
-    return 100.0 * bleu, 100.0 * rouge
-
-
 def names_family(caption: str, family: str) -> bool:
     """Whether a caption names the family with one of its nouns ("a cube" names a box)."""
     words = f" {caption.lower()} "
@@ -221,27 +214,44 @@ def names_family(caption: str, family: str) -> bool:
 @torch.no_grad()
 def shape_to_caption(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 10,
                      verbose: bool = False, condition: str = "mesh") -> dict:
-    """Caption the ground-truth meshes (or, `condition="image"`, their rendered views); family-word accuracy,
-    mean BLEU-1 and ROUGE-L (x100)."""
+    """Caption the ground-truth meshes (or, `condition="image"`, their rendered views); family-word accuracy and
+    the mean caption metrics (x100) against every paraphrase of the row: `bleu1`, `rouge_l`, `meteor` and the full
+    `caption_metrics` scores under `scores`."""
     if condition not in ("mesh", "image"):
         raise ValueError(f"condition must be 'mesh' or 'image', got {condition!r}.")
-    hits, bleus, rouges, captions = 0, [], [], []
+    hits, captions = 0, []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         inputs = ({"mesh": [row["mesh"] for row in batch]} if condition == "mesh"
                   else {"image": [render_view(row) for row in batch]})
         for row, caption in zip(batch, pipe.caption(**inputs, max_new_tokens=max_new_tokens)):
             hits += names_family(caption, row["family"])
-            bleu, rouge = caption_scores(caption, row["captions"] or [row["caption"]])
-            bleus.append(bleu)
-            rouges.append(rouge)
             captions.append(caption)
             if verbose:
                 print(f"  {row['caption']!r:48} <- {caption!r}", flush=True)
-    return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": float(np.mean(bleus)),
-            "rouge_l": float(np.mean(rouges)), "count": len(rows), "captions": captions}
+    scores = caption_metrics(captions, [row["captions"] or [row["caption"]] for row in rows])["scores"]
+    return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": scores["bleu_1"],
+            "rouge_l": scores["rouge_l"], "meteor": scores["meteor"], "scores": scores, "count": len(rows),
+            "captions": captions}
 
 
 def image_to_caption(pipe, rows: Sequence[dict], **kwargs) -> dict:
     """`shape_to_caption` on the rendered views (`render_view`) instead of the meshes."""
     return shape_to_caption(pipe, rows, condition="image", **kwargs)
+
+
+def point_cloud_distances(generated: Sequence, references: Sequence, checkpoint_path, num_points: int = 4096,
+                          seed: int = 0) -> dict:
+    """p-FID / p-KID of generated meshes against reference meshes (`compute_pfid_pkid`, Point-E's protocol; 4096
+    surface points per mesh, sampling seed `seed`). Empty generations (None) are left out and counted in
+    `num_empty`. p-KID takes one subset the size of the smaller set (with equal sets: the whole of both)."""
+    kept = [mesh for mesh in generated if mesh is not None]
+    if len(kept) < 2 or len(references) < 2:
+        raise ValueError(f"p-FID needs at least 2 meshes per set; got {len(kept)} generated (of {len(generated)}) "
+                         f"and {len(references)} references.")
+    clouds_a = sample_point_clouds(kept, num_points, seed)
+    clouds_b = sample_point_clouds(list(references), num_points, seed)
+    result = compute_pfid_pkid(checkpoint_path, clouds_a, clouds_b, kid_subsets=1,
+                               kid_subset_size=min(len(clouds_a), len(clouds_b)), seed=seed)
+    return {"p_fid": result["p_fid"], "p_kid": result["p_kid"], "count": len(kept), "num_references": len(references),
+            "num_empty": len(generated) - len(kept)}

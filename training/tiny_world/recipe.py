@@ -13,10 +13,19 @@
 5. save the pipeline (model + VAE + scheduler + processor) to `OUT/pipeline` (`cgmllm generate --model OUT/pipeline`).
 
 Every phase's wall time goes to `OUT/timings.json`.
+
+Several sittings (`--resume`): every finished phase is recorded in `OUT/recipe_state.json`, and each phase keeps
+its own checkpoints: the ShapeVAE every `--vae-save-every` steps (`train_vae --resume`), the latent cache written to
+a temporary folder and renamed, the stages through `cgmllm-train --resume`. After a kill (or Ctrl-C) at any moment,
+the same command with `--resume` continues where it stopped and trains exactly what one uninterrupted run trains;
+`--vae-stop-after K` ends a sitting after K more ShapeVAE steps. A second run into the same `--out` without
+`--resume` is refused, and so is `--resume` with other arguments (named) than the run it continues.
 """
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -95,6 +104,37 @@ def write_model_card(folder: str | Path, summary: dict, evaluation: str = "") ->
     return path
 
 
+STATE_FILE = "recipe_state.json"
+# Arguments that may differ between the sittings of one run (they do not change what is computed).
+_SITTING_ARGS = ("resume", "threads", "num_workers", "vae_stop_after", "vae_save_every")
+
+
+def _run_key(args) -> dict:
+    key = {name: value for name, value in sorted(vars(args).items()) if name not in _SITTING_ARGS}
+    key["config"] = Path(args.config).read_text()  # the config's contents, not its path
+    return key
+
+
+def _load_state(out: Path, args) -> list[str]:
+    """The phases an earlier sitting of this run finished (empty for a new run); refuses what cannot continue."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        if args.resume:
+            print(f"[recipe] --resume: no {STATE_FILE} in {out}; starting from the beginning", flush=True)
+        return []
+    state = json.loads(path.read_text())
+    if not args.resume:
+        raise ValueError(f"{out} holds a recipe run (finished phases: {', '.join(state['done']) or 'none'}); pass "
+                         "--resume to continue it, or choose a new --out.")
+    current = _run_key(args)
+    differing = sorted(name for name in set(state["args"]) | set(current)
+                       if state["args"].get(name) != current.get(name))
+    if differing:
+        raise ValueError(f"--resume: {out} was started with other arguments ({', '.join(differing)}); resume with "
+                         "the same arguments and config, or choose a new --out.")
+    return list(state["done"])
+
+
 def run_recipe(args) -> dict:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -123,44 +163,72 @@ def run_recipe(args) -> dict:
         raise ValueError("The recipe trains a tiny model from config: its config needs "
                          "model.tiny.shape_latent_channels (the ShapeVAE's latent channels).")
     sizes = sorted({stage.num_shape_tokens for stage in config["stages"]})
-    timings = {}
+    done = _load_state(out, args)
+    timings = json.loads((out / "timings.json").read_text()) if done and (out / "timings.json").is_file() else {}
 
     def phase(name, start):
-        timings[name] = round(time.perf_counter() - start, 2)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 2)  # summed over sittings
         print(f"[recipe] {name}: {timings[name]:.1f}s", flush=True)
         (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        if name not in done:
+            done.append(name)
+        (out / STATE_FILE).write_text(json.dumps({"args": _run_key(args), "done": done}, indent=2) + "\n")
 
-    start = time.perf_counter()
+    (out / STATE_FILE).write_text(json.dumps({"args": _run_key(args), "done": done}, indent=2) + "\n")
     world = out / "data"
-    if not (world / "train" / "metadata.parquet").is_file() or args.rebuild:
-        build_tiny_world_dataset(world, num_train=args.num_train, num_heldout=args.num_heldout,
-                                 render_images=args.images, seed=args.seed, num_workers=args.num_workers)
-    phase("dataset", start)
+    if "dataset" in done:
+        print("[recipe] dataset: done in an earlier sitting", flush=True)
+    else:
+        start = time.perf_counter()
+        if not (world / "train" / "metadata.parquet").is_file() or args.rebuild:
+            build_tiny_world_dataset(world, num_train=args.num_train, num_heldout=args.num_heldout,
+                                     render_images=args.images, seed=args.seed, num_workers=args.num_workers)
+        phase("dataset", start)
 
-    start = time.perf_counter()
-    vae_metrics = train_vae_main([
-        "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps), "--lr", str(args.vae_lr),
-        "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)), "--embed-dim", str(embed_dim),
-        "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size), "--stretch", str(args.vae_stretch),
-        "--rotate", str(args.vae_rotate),
-        "--num-near", str(args.num_near), "--num-uniform", str(args.num_uniform),
-        "--queries-per-step", str(args.queries_per_step),
-        "--num-workers", str(args.num_workers or 0), "--seed", str(args.seed),
-        "--log-every", str(max(1, args.vae_steps // 10)),
-    ])
-    phase("vae", start)
+    if "vae" in done:
+        print("[recipe] vae: done in an earlier sitting", flush=True)
+        vae_metrics = json.loads((out / "vae_run" / "metrics.json").read_text())
+    else:
+        start = time.perf_counter()
+        vae_metrics = train_vae_main([
+            "--data", str(world), "--out", str(out / "vae_run"), "--steps", str(args.vae_steps),
+            "--lr", str(args.vae_lr), "--num-latents", str(max(sizes)), "--min-latents", str(min(sizes)),
+            "--embed-dim", str(embed_dim), "--width", str(args.vae_width), "--batch-size", str(args.vae_batch_size),
+            "--stretch", str(args.vae_stretch), "--rotate", str(args.vae_rotate),
+            "--num-near", str(args.num_near), "--num-uniform", str(args.num_uniform),
+            "--queries-per-step", str(args.queries_per_step),
+            "--num-workers", str(args.num_workers or 0), "--seed", str(args.seed),
+            "--log-every", str(max(1, args.vae_steps // 10)), "--save-every", str(args.vae_save_every),
+            *(["--resume"] if args.resume else []),
+            *(["--stop-after", str(args.vae_stop_after)] if args.vae_stop_after else []),
+        ])
+        if "stopped_at" in vae_metrics:
+            timings["vae"] = round(timings.get("vae", 0.0) + time.perf_counter() - start, 2)
+            (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+            print(f"[recipe] stopped in the ShapeVAE phase at step {vae_metrics['stopped_at']} of "
+                  f"{vae_metrics['steps']} (--vae-stop-after); continue with the same command and --resume", flush=True)
+            return {"stopped": "vae", **vae_metrics}
+        phase("vae", start)
 
-    start = time.perf_counter()
     vae = ShapeVAE.from_pretrained(out / "vae_run" / "vae").eval().requires_grad_(False)
-    with torch.no_grad():
-        # The tiny world is a meshfolder: read by the same loader as any user data set (paraphrases included).
-        train_set = load_caption_dataset(world, layout="meshfolder", split="train", validate=False)
-        encoded = encode_dataset(train_set, vae, sizes, seed=args.seed)
-    encoded.save_to_disk(str(out / "latents"))
-    phase("latents", start)
+    if "latents" in done:
+        print("[recipe] latents: done in an earlier sitting", flush=True)
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            # The tiny world is a meshfolder: read by the same loader as any user data set (paraphrases included).
+            train_set = load_caption_dataset(world, layout="meshfolder", split="train", validate=False)
+            encoded = encode_dataset(train_set, vae, sizes, seed=args.seed)
+        # Written aside and renamed: a kill while writing never leaves a half cache that looks finished.
+        temporary = out / "latents.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        encoded.save_to_disk(str(temporary))
+        shutil.rmtree(out / "latents", ignore_errors=True)
+        os.replace(temporary, out / "latents")
+        phase("latents", start)
 
     start = time.perf_counter()
-    model, results = run_stages(config)
+    model, results = run_stages(config, resume=True if args.resume else None)
     phase("stages", start)
 
     start = time.perf_counter()
@@ -213,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=None, help="processes for data building / sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out where it stopped (same arguments and config)")
+    parser.add_argument("--vae-save-every", type=int, default=500, help="ShapeVAE checkpoint interval (steps)")
+    parser.add_argument("--vae-stop-after", type=int, default=None,
+                        help="end this sitting after this many more ShapeVAE steps (then --resume continues)")
     return parser
 
 

@@ -38,8 +38,16 @@ class CGMLLMConfig(Qwen3VLConfig):
         obj_start_token_id / obj_end_token_id / obj_pad_token_id (`int`):
             Ids of `<|obj_start|>`, `<|obj_end|>` and the `<|obj_pad|>` placeholder that stands for one latent row.
             The defaults are the ids the tokens get when appended to the Qwen3 tokenizer (151669, 151670, 151671).
+        point_feature_dim (`int`, *optional*):
+            Width of the 3D-understanding features that `obj_und_connector` (`fc1 -> gelu_pytorch_tanh -> fc2`) maps
+            into the LLM: 1152 for PointBERT (the released model), 64 for an encoder of VAE latents. `None` (the
+            default) builds no connector; meshes are then captioned from clean ShapeVAE latents through `obj2llm`.
         lm_loss_weight (`float`, defaults to 1.0) / flow_loss_weight (`float`, defaults to 1.0):
             Weights of the text cross-entropy and of the flow-matching MSE in `loss`.
+        max_prompt_tokens (`int`, *optional*):
+            Tokens of the longest text -> 3D prompt (template included) the model was trained on. The pipeline warns
+            for longer prompts: the model has never seen such a context. `None`: unknown (only the text model's
+            `max_position_embeddings` is checked).
 
     Example:
 
@@ -62,8 +70,10 @@ class CGMLLMConfig(Qwen3VLConfig):
     obj_start_token_id: int = 151669
     obj_end_token_id: int = 151670
     obj_pad_token_id: int = 151671
+    point_feature_dim: int | None = None
     lm_loss_weight: float | int = 1.0
     flow_loss_weight: float | int = 1.0
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -79,6 +89,8 @@ class CGMLLMConfig(Qwen3VLConfig):
                 )
         if self.timestep_embedding_dim % 2 != 0:
             raise ValueError(f"`timestep_embedding_dim` must be even, got {self.timestep_embedding_dim}.")
+        if self.point_feature_dim is not None and self.point_feature_dim <= 0:
+            raise ValueError(f"`point_feature_dim` must be positive or None, got {self.point_feature_dim}.")
         special = {
             "obj_start_token_id": self.obj_start_token_id,
             "obj_end_token_id": self.obj_end_token_id,

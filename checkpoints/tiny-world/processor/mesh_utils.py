@@ -572,13 +572,82 @@ def simplify_mesh(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
     return mesh.simplify_quadric_decimation(face_count=int(max_faces))
 
 
+MESH_EXPORT_TYPES = ("glb", "gltf", "obj", "ply", "stl", "off")
+
+
+def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
+    """Write `mesh` to `path` in the format of its extension and return every file written (always one).
+
+    A `.gltf` gets its buffers embedded as data URIs: trimesh would otherwise write `gltf_buffer_0.bin`, ... next to
+    it, names that every `.gltf` in the folder shares, so a second export would silently break the first. The file
+    is written under a temporary name and renamed, so an interrupted export never leaves a truncated file (nor
+    destroys the one it replaces).
+    """
+    path = Path(path)
+    file_type = path.suffix.lower().lstrip(".")
+    if file_type not in MESH_EXPORT_TYPES:
+        raise ValueError(f"Cannot write {path}: unsupported extension, use one of {', '.join(MESH_EXPORT_TYPES)}.")
+    if file_type == "gltf":
+        from trimesh.exchange.gltf import export_gltf
+
+        files = export_gltf(trimesh.Scene(mesh), embed_buffers=True)
+        if len(files) != 1:  # embedded buffers leave only the .gltf itself
+            raise RuntimeError(f"trimesh wrote {sorted(files)} for an embedded glTF; expected one file.")
+        data = next(iter(files.values()))
+    else:
+        data = trimesh.exchange.export.export_mesh(mesh, None, file_type=file_type)
+        data = data.encode() if isinstance(data, str) else data
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return [path]
+
+
+def sample_colored_points(source: MeshSource, num_points: int, seed: int | None = 0,
+                          default_color: float = 0.4) -> tuple[np.ndarray, bool]:
+    """Area-uniform surface points with the mesh's colours: `(P, 6)` float32 xyz + rgb in [0, 1].
+
+    The geometry is validated by [`load_mesh`]; the colours (vertex, face or texture) come from the same file or
+    object loaded with its visuals (paths, `trimesh.Scene`, `trimesh.Trimesh`; raw bytes give geometry only).
+    Sampling and colour lookup are trimesh's (`trimesh.sample.sample_surface(sample_color=True)`). Where the mesh has
+    no usable colours every point gets `default_color`. Returns the points and whether real colours were used.
+    """
+    geometry = load_mesh(source)
+    colored = geometry
+    if isinstance(source, trimesh.Trimesh):
+        colored = source
+    elif isinstance(source, (trimesh.Scene, str, os.PathLike)):
+        try:
+            scene = source if isinstance(source, trimesh.Scene) else trimesh.load_scene(os.fspath(source))
+            parts = [g for g in scene.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
+            colored = parts[0] if len(parts) == 1 else trimesh.util.concatenate(parts)
+        except Exception:  # visuals that trimesh cannot merge: fall back to the validated geometry, uncoloured
+            colored = geometry
+    if getattr(colored.visual, "kind", None) is not None:
+        try:
+            points, _, colors = trimesh.sample.sample_surface(colored, num_points, sample_color=True, seed=seed)
+            rgb = np.asarray(colors, dtype=np.float32)[:, :3] / 255.0
+            return np.concatenate([np.asarray(points, dtype=np.float32), rgb], axis=1), True
+        except Exception:  # e.g. a material without texture coordinates
+            pass
+    points, _ = trimesh.sample.sample_surface(colored, num_points, seed=seed)
+    rgb = np.full((num_points, 3), default_color, dtype=np.float32)
+    return np.concatenate([np.asarray(points, dtype=np.float32), rgb], axis=1), False
+
+
 __all__ = [
     "SUPPORTED_MESH_TYPES",
+    "MESH_EXPORT_TYPES",
     "denormalize_mesh",
+    "export_mesh",
     "load_mesh",
     "normalize_mesh",
     "occupancy",
     "remove_floaters",
+    "sample_colored_points",
     "sample_sdf_points",
     "sample_sharp_edges",
     "sample_surface",

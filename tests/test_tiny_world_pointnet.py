@@ -1,0 +1,81 @@
+"""The tiny world's p-FID classifier: training, Point-E's container, the shipped checkpoint, p-FID of mesh sets."""
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from cgmllm.evaluation import load_pointnet, pointnet_features, tiny_world_pointnet_path
+from cgmllm.training.tiny_world import FAMILY_NAMES, make_tiny_world_specs
+from cgmllm.training.tiny_world.evaluation import point_cloud_distances
+from cgmllm.training.tiny_world.pointnet import augment, family_clouds, save_pointnet, train_pointnet
+
+
+def test_augment_drops_scales_and_shifts():
+    clouds = np.random.default_rng(0).normal(size=(3, 600, 3)).astype(np.float32)
+    out = augment(clouds, np.random.default_rng(1))
+    assert out.shape == clouds.shape and out.dtype == np.float32
+    for original, augmented in zip(clouds, out):
+        # Dropped points become the first point; the others are `scale * x + shift` with one scale per cloud.
+        dropped = np.all(augmented == augmented[0], axis=1)[1:]
+        kept = np.flatnonzero(~dropped) + 1
+        assert 0 < dropped.sum() < len(dropped) - 10
+        ratios = (np.linalg.norm(augmented[kept] - augmented[0], axis=1)
+                  / np.linalg.norm(original[kept] - original[0], axis=1))
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
+        assert 0.8 <= ratios[0] <= 1.25
+        shift = augmented[0] - ratios[0] * original[0]
+        assert np.all(np.abs(shift) <= 0.1 + 1e-5)
+
+
+def test_train_save_and_load_in_point_e_layout(tmp_path):
+    specs = make_tiny_world_specs(num_train=16, num_heldout=0, seed=0)["train"]
+    clouds, labels = family_clouds(specs, num_points=600)
+    assert clouds.shape == (16, 600, 3) and set(labels) <= set(range(len(FAMILY_NAMES)))
+    model, losses = train_pointnet(clouds, labels, len(FAMILY_NAMES), width_mult=1, steps=2, batch_size=8,
+                                   log_every=0)
+    assert len(losses) == 2 and all(np.isfinite(losses)) and not model.training
+    path = save_pointnet(model, tmp_path / "pointnet.pt", FAMILY_NAMES)
+    stored = torch.load(path, weights_only=True)
+    assert stored["class_names"] == list(FAMILY_NAMES)
+    assert stored["model_state_dict"]["fc3.weight"].dtype == torch.float16
+    loaded = load_pointnet(path)  # the loader of Point-E's pointnet.pt
+    assert (loaded.num_classes, loaded.width_mult) == (len(FAMILY_NAMES), 1)
+    assert next(loaded.parameters()).dtype == torch.float32
+    # float16 storage: the features of the loaded model equal those of the model rounded to float16 weights.
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    np.testing.assert_allclose(pointnet_features(loaded, clouds[:3])[0], pointnet_features(model, clouds[:3])[0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one batch"):
+        train_pointnet(clouds[:4], labels[:4], len(FAMILY_NAMES), batch_size=8)
+
+
+def test_point_cloud_distances_of_mesh_sets(tmp_path):
+    from test_evaluation_point_clouds import point_e_state_dict
+
+    path = tmp_path / "pointnet.pt"
+    torch.save({"model_state_dict": point_e_state_dict(num_class=10, width_mult=1)}, path)
+    shapes = [trimesh.creation.box(), trimesh.creation.icosphere(1), trimesh.creation.cone(0.5, 1.0)]
+    result = point_cloud_distances(shapes + [None], shapes[::-1], path, num_points=600)
+    assert (result["count"], result["num_references"], result["num_empty"]) == (3, 3, 1)
+    assert abs(result["p_fid"]) < 1e-2  # the same three shapes in another order
+    with pytest.raises(ValueError, match="at least 2 meshes per set"):
+        point_cloud_distances([shapes[0], None], shapes, path)
+
+
+def test_shipped_tiny_world_pointnet():
+    path = tiny_world_pointnet_path()
+    if path is None:
+        pytest.skip("no shipped tiny-world PointNet++ checkpoint")
+    model = load_pointnet(path)
+    assert (model.num_classes, model.width_mult, model.feature_dim) == (len(FAMILY_NAMES), 2, 512)
+    assert torch.load(path, weights_only=True)["class_names"] == list(FAMILY_NAMES)
+    specs = make_tiny_world_specs(num_train=0, num_heldout=12, seed=0)["test"]
+    clouds, labels = family_clouds(specs, seed=123)
+    features, probabilities = pointnet_features(model, clouds)
+    assert features.shape == (12, 512) and np.isfinite(features).all()
+    assert (probabilities.argmax(-1) == labels).mean() >= TRAINED_ACCURACY_FLOOR
+
+
+#: Held-out accuracy the shipped classifier clears on 12 shapes (its summary.json has the 100-shape number).
+TRAINED_ACCURACY_FLOOR = 0.5
