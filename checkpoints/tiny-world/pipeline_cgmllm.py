@@ -885,9 +885,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            from cgmllm import PointBERTEncoder
-
-            components["point_encoder"] = PointBERTEncoder.from_pretrained(
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(
                 path / "point_encoder", dtype=component_dtype("point_encoder"),
                 variant=model_variants.get("point_encoder"), **weights,
             )
