@@ -44,6 +44,10 @@ class CGMLLMConfig(Qwen3VLConfig):
             default) builds no connector; meshes are then captioned from clean ShapeVAE latents through `obj2llm`.
         lm_loss_weight (`float`, defaults to 1.0) / flow_loss_weight (`float`, defaults to 1.0):
             Weights of the text cross-entropy and of the flow-matching MSE in `loss`.
+        max_prompt_tokens (`int`, *optional*):
+            Tokens of the longest text -> 3D prompt (template included) the model was trained on. The pipeline warns
+            for longer prompts: the model has never seen such a context. `None`: unknown (only the text model's
+            `max_position_embeddings` is checked).
 
     Example:
 
@@ -69,6 +73,7 @@ class CGMLLMConfig(Qwen3VLConfig):
     point_feature_dim: int | None = None
     lm_loss_weight: float | int = 1.0
     flow_loss_weight: float | int = 1.0
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -572,6 +572,40 @@ def simplify_mesh(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
     return mesh.simplify_quadric_decimation(face_count=int(max_faces))
 
 
+MESH_EXPORT_TYPES = ("glb", "gltf", "obj", "ply", "stl", "off")
+
+
+def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
+    """Write `mesh` to `path` in the format of its extension and return every file written (always one).
+
+    A `.gltf` gets its buffers embedded as data URIs: trimesh would otherwise write `gltf_buffer_0.bin`, ... next to
+    it, names that every `.gltf` in the folder shares, so a second export would silently break the first. The file
+    is written under a temporary name and renamed, so an interrupted export never leaves a truncated file (nor
+    destroys the one it replaces).
+    """
+    path = Path(path)
+    file_type = path.suffix.lower().lstrip(".")
+    if file_type not in MESH_EXPORT_TYPES:
+        raise ValueError(f"Cannot write {path}: unsupported extension, use one of {', '.join(MESH_EXPORT_TYPES)}.")
+    if file_type == "gltf":
+        from trimesh.exchange.gltf import export_gltf
+
+        files = export_gltf(trimesh.Scene(mesh), embed_buffers=True)
+        if len(files) != 1:  # embedded buffers leave only the .gltf itself
+            raise RuntimeError(f"trimesh wrote {sorted(files)} for an embedded glTF; expected one file.")
+        data = next(iter(files.values()))
+    else:
+        data = trimesh.exchange.export.export_mesh(mesh, None, file_type=file_type)
+        data = data.encode() if isinstance(data, str) else data
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return [path]
+
+
 def sample_colored_points(source: MeshSource, num_points: int, seed: int | None = 0,
                           default_color: float = 0.4) -> tuple[np.ndarray, bool]:
     """Area-uniform surface points with the mesh's colours: `(P, 6)` float32 xyz + rgb in [0, 1].
@@ -606,7 +640,9 @@ def sample_colored_points(source: MeshSource, num_points: int, seed: int | None 
 
 __all__ = [
     "SUPPORTED_MESH_TYPES",
+    "MESH_EXPORT_TYPES",
     "denormalize_mesh",
+    "export_mesh",
     "load_mesh",
     "normalize_mesh",
     "occupancy",

@@ -179,8 +179,9 @@ class MultiheadCrossAttention(nn.Module):
         self.c_proj = nn.Linear(width, width)
         self.attention = QKVMultiheadCrossAttention(heads, width, qk_norm)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data)))
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        """`kv` is `c_kv(data)` when already computed (see `ResidualCrossAttentionBlock.project_data`)."""
+        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data) if kv is None else kv))
 
 
 class ResidualCrossAttentionBlock(nn.Module):
@@ -194,8 +195,13 @@ class ResidualCrossAttentionBlock(nn.Module):
         self.ln_3 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = MLP(width, mlp_expand_ratio)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.ln_2(data))
+    def project_data(self, data: torch.Tensor) -> torch.Tensor:
+        """`(B, M, width) -> (B, M, 2 * width)` keys and values of `data`: what every query chunk of a volume decoding
+        attends to, computed once per object instead of once per chunk (same values: same inputs, same shapes)."""
+        return self.attn.c_kv(self.ln_2(data))
+
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), kv=self.project_data(data) if kv is None else kv)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -353,10 +359,12 @@ class CrossAttentionDecoder(nn.Module):
         self.ln_post = nn.LayerNorm(width) if use_ln_post else None
         self.output_proj = nn.Linear(width, 1)
 
-    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor, latent_kv: torch.Tensor | None = None):
+        """Queries `(B, Q, 3)`, latents `(B, M, width)` -> logits `(B, Q, 1)`; `latent_kv` =
+        `cross_attn_decoder.project_data(latents)` when already computed."""
         # `queries` stay float32 up to the Fourier features (see `FourierEmbedder`).
         x = self.query_proj(self.fourier_embedder(queries).to(self.query_proj.weight.dtype))
-        x = self.cross_attn_decoder(x, latents)
+        x = self.cross_attn_decoder(x, latents, kv=latent_kv)
         if self.ln_post is not None:
             x = self.ln_post(x)
         return self.output_proj(x)
@@ -420,6 +428,17 @@ class ShapeVAELossOutput(BaseOutput):
 
 
 _WEIGHT_FILES = ("model.fp16.safetensors", "model.safetensors", "model.fp16.ckpt", "model.ckpt")
+
+
+def _reporting_field(field: Callable[[torch.Tensor], torch.Tensor], report: Callable[[int], object]):
+    """`field` that also reports how many points each call evaluated."""
+
+    def reporting(xyz: torch.Tensor) -> torch.Tensor:
+        values = field(xyz)
+        report(len(xyz))
+        return values
+
+    return reporting
 
 
 class ShapeVAE(ModelMixin, ConfigMixin):
@@ -629,9 +648,14 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         if features.shape[0] != 1:
             raise ValueError(f"field_fn takes the features of one object, got batch size {features.shape[0]}.")
 
+        decoder = self.geo_decoder
+        with torch.no_grad():  # the latents' keys / values are the same for every chunk of queries: once per object
+            latent_kv = decoder.cross_attn_decoder.project_data(features)
+
         @torch.no_grad()
         def field(xyz: torch.Tensor) -> torch.Tensor:
-            return self._query(features, xyz.to(features.device)[None])[0].float().cpu()
+            xyz = torch.as_tensor(xyz, device=features.device)[None].float()
+            return decoder(xyz, features, latent_kv=latent_kv)[0, :, 0].float().cpu()
 
         return field
 
@@ -649,12 +673,16 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
         band: float | None = 0.95,
+        progress_callback: Callable[[int], object] | None = None,
     ) -> list[trimesh.Trimesh]:
         """Like `latents_to_mesh`, for features `(B, N, width)` that already went through `decode`."""
         meshes = []
         for index in range(features.shape[0]):
+            field = self.field_fn(features[index : index + 1])
+            if progress_callback is not None:
+                field = _reporting_field(field, progress_callback)
             mesh = field_to_mesh(
-                self.field_fn(features[index : index + 1]),
+                field,
                 resolution=octree_resolution,
                 bounds=bounds,
                 level=mc_level,
@@ -684,6 +712,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         max_faces: int | None = None,
         hunyuan_vertex_scale: bool = False,
         band: float | None = 0.95,
+        progress_callback: Callable[[int], object] | None = None,
     ) -> list[trimesh.Trimesh]:
         """Latents `(B, N, embed_dim)` (unscaled: divide diffusion latents by `config.scale_factor` first) -> one
         `trimesh.Trimesh` per object, outward-facing, in the VAE cube.
@@ -700,6 +729,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             band: hierarchical only: also refine coarse cells whose logit is within `band` of `mc_level` (FlashVDM's
                 `|logit| < 0.95`), so that small parts no coarse grid point falls inside are not lost; `None` refines
                 sign changes only (fewest queries).
+            progress_callback: called with the number of points after every chunk of field queries (e.g. a tqdm
+                bar's `update`).
         """
         return self.features_to_mesh(
             self.decode(latents),
@@ -712,6 +743,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             max_faces=max_faces,
             hunyuan_vertex_scale=hunyuan_vertex_scale,
             band=band,
+            progress_callback=progress_callback,
         )
 
     # ------------------------------------------------------------------------------------------------------------
