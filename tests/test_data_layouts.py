@@ -405,3 +405,31 @@ def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path
     np.save(tmp_path / "p" / "8192_npy" / "a_8192.npy", clouds["a"][::-1].copy())
     again = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
     np.testing.assert_allclose(again, first[::-1], atol=1e-6)
+
+
+def test_pointllm_set_through_cgmllm_preprocess_and_cgmllm_train(tmp_path):
+    import torch
+
+    from cgmllm.training.cli import train_main
+
+    write_pointllm_folder(tmp_path / "pointllm", ["a", "b", "c"], num_points=64)
+    with pytest.raises(ValueError, match="drop --shape-vae"):
+        preprocess_main(["--data", str(tmp_path / "pointllm"), "--shape-vae", "x", "--out", str(tmp_path / "c0")])
+    cache = preprocess_main(["--data", str(tmp_path / "pointllm"), "--out", str(tmp_path / "cache")])
+    assert cache.column_names == ["uid", "caption", "question", "point_cloud"] and len(cache) == 3
+    _tiny_point_encoder().save_pretrained(tmp_path / "point_encoder")
+
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
+    common = ["--config", str(config), "--set", f"data.path={tmp_path / 'cache'}",
+              "--set", "tasks={shape_caption: 1.0}", "--set", "model.tiny.point_feature_dim=16"]
+    with pytest.raises(ValueError, match="set `point_encoder`"):
+        train_main(common + ["--set", f"output_dir={tmp_path / 'run0'}"])
+    model, results = train_main(common + ["--set", f"output_dir={tmp_path / 'run'}",
+                                          "--set", f"point_encoder={tmp_path / 'point_encoder'}"])
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in results)
+    from cgmllm import CGMLLMForConditionalGeneration
+
+    final = CGMLLMForConditionalGeneration.from_pretrained(results[-1]["final"])
+    fresh = [(torch.manual_seed(0), type(final)(final.config))[1].model.obj_und_connector.fc1.weight for _ in "ab"]
+    assert torch.equal(*fresh)  # the tiny model's initial weights (built as `model.tiny` builds it) ...
+    assert not torch.allclose(final.model.obj_und_connector.fc1.weight, fresh[0])  # ... moved: the connector trained
