@@ -62,8 +62,8 @@ def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num
     """
     if "point_cloud" in dataset.column_names:
         raise ValueError("This data set holds PointBERT clouds (`point_cloud`: xyz + rgb, PointLLM's caption set), not "
-                         "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT captioning "
-                         "path directly, without a latent cache.")
+                         "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT "
+                         "captioning path directly, without a latent cache.")
     sizes = [num_latents] if isinstance(num_latents, int) else list(num_latents)
     num_points = vae.config.pc_size if num_points is None else num_points
     num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points
