@@ -262,6 +262,9 @@ def test_pointllm_missing_cloud_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [r["uid"] for r in load_caption_dataset(tmp_path, streaming=True, skip_bad_samples=True)] == ["a"]
     assert "Skipping Bad sample 'b'" in caplog.text
+    (tmp_path / "more.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"A PointLLM folder must hold exactly one \*.jsonl file; .* has 2"):
+        load_caption_dataset(tmp_path, layout="pointllm")
 
 
 # 4. Arrow features, num_proc, streaming of the other layouts ----------------------------------------------------------
