@@ -301,7 +301,6 @@ class CGMLLMTextAttention(nn.Module):
         attention_mask,
         routing: ExpertRouting,
         cache: Cache | None = None,
-        update_cache: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the attention output `(batch, seq_len, hidden)` and the attention weights
@@ -318,14 +317,7 @@ class CGMLLMTextAttention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is not None:
-            if update_cache:
-                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-            else:
-                # Read-only cache: the denoising block attends to the cached prompt without being written into it.
-                layer = cache.layers[self.layer_idx]
-                if layer.keys is not None and layer.keys.numel() > 0:
-                    key_states = torch.cat([layer.keys, key_states], dim=-2)
-                    value_states = torch.cat([layer.values, value_states], dim=-2)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -365,7 +357,6 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
         attention_mask=None,
         routing: ExpertRouting | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -376,7 +367,6 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             routing=routing,
             cache=cache,
-            update_cache=update_cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -447,7 +437,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         attention_mask=None,
         routing: ExpertRouting | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         visual_pos_masks: torch.Tensor | None = None,
         deepstack_visual_embeds: list[torch.Tensor] | None = None,
         **kwargs,
@@ -458,7 +447,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
             position_ids: `(3, batch, seq_len)` mRoPE ids.
             attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
             routing: which rows use BlockAR; defaults to all TokenAR.
-            update_cache: False keeps `cache` read-only (denoising steps).
             output_hidden_states / output_attentions (keyword, or the text config's flags): see the class docstring.
         """
         kwargs.pop("output_hidden_states", None)  # read by `capture_outputs`; the attention kernels take no such flag
@@ -474,7 +462,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                 attention_mask=attention_mask,
                 routing=routing,
                 cache=cache,
-                update_cache=update_cache,
                 **kwargs,
             )
             if deepstack_visual_embeds is not None and layer_idx < len(deepstack_visual_embeds):
@@ -742,7 +729,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 when omitted. Needed only for layouts with several blocks per object.
             packed_sample_ids: `(batch, seq_len)` id of the packed sample each token belongs to (derived from restarting
                 text `position_ids` when omitted).
-            update_cache: False leaves `past_key_values` untouched (the denoising steps read the prompt cache).
+            update_cache: False leaves `cache` as it was (a denoising step attends to the cached prompt but must not
+                stay in it): the rows are written with the cache's own `update` and cropped off again afterwards
+                (`cache.crop`), the standard cache API, so `DynamicCache`, `StaticCache` and offloaded caches work
+                alike. Caches whose layers cannot be cropped (sliding windows) raise a `ValueError`.
             generator: optional generator for the drawn timesteps and noise.
         """
         cache = kwargs.pop("past_key_values", cache)
@@ -760,7 +750,13 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=config.text_config)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and not update_cache and not cache.is_croppable:
+            raise ValueError(
+                f"`update_cache=False` writes the new rows into the cache and crops them off again; a "
+                f"{type(cache).__name__} cannot be cropped (sliding-window or quantized layers). Use a DynamicCache "
+                "or a StaticCache for the denoising steps."
+            )
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
 
         # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
         if input_ids is None:
@@ -857,19 +853,26 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             packed_sample_ids,
             cache=cache,
         )
+        attention_kwargs = {}
+        if mask is None and bool((shape_block_ids >= 0).any()):
+            # No mask because the queries form one block that sees everything (a denoising step on an unpadded
+            # prompt), not because attention is causal: sdpa must not fall back to `is_causal`.
+            attention_kwargs["is_causal"] = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=mask,
             routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows),
             cache=cache,
-            update_cache=update_cache,
+            **attention_kwargs,
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack_visual_embeds,
             output_hidden_states=_resolve_output_flag(output_hidden_states, config, "output_hidden_states"),
             output_attentions=_resolve_output_flag(output_attentions, config, "output_attentions"),
             return_dict=True,
         )
+        if cache is not None and not update_cache:
+            cache.crop(-seq_len)  # back to the context: the rows were attended to, not kept
         return CGMLLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=cache,

@@ -183,6 +183,24 @@ def test_hunyuan3d_surfaces_fill_the_uniform_and_sharp_pools(tmp_path):
     assert np.isfinite(np.asarray(cache["latents"])).all() and np.asarray(cache["latents"]).shape == (2, 4, 8)
 
 
+def test_hunyuan3d_render_views_become_images_and_a_spec_is_detected(tmp_path, processor):
+    write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
+    renders = tmp_path / "preprocessed" / "a1" / "render_cond"
+    renders.mkdir()
+    for index in (1, 0):
+        (renders / f"{index:03d}.png").write_bytes(_png(index))
+    (renders / "transforms.json").write_text("{}")
+    ds = load_caption_dataset({"captions": tmp_path / "captions.csv", "shapes": tmp_path / "preprocessed"})
+    assert ds.column_names == ["uid", "caption", "surface_file", "images"]
+    assert [image.size for image in ds[0]["images"]] == [(24, 16), (24, 16)] and ds[1]["images"] == []
+    assert np.array_equal(np.asarray(ds[0]["images"][0]), np.asarray(PILImage.open(io.BytesIO(_png(0)))))
+    cache = encode_dataset(ds, tiny_vae(), 4)
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"image_to_shape": 1.0, "text_to_shape": 1.0},
+                                  condition_dropout=0.0)
+    assert {collator.build_sample(row)["task"] for row in cache.select([1])} == {"text_to_shape"}  # no views
+    assert collator(list(cache))["shape_latents"].shape == (8, 8)
+
+
 def test_hunyuan3d_bad_npz_is_named(tmp_path):
     write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
     np.savez(tmp_path / "preprocessed" / "b2" / "geo_data" / "b2_surface.npz", other=np.zeros(3))

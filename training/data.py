@@ -15,7 +15,8 @@ and exactly one shape column
     point_cloud  Array2D((None, 6), float32)   xyz + rgb, normalised for PointBERT (PointLLM)
 and optionally the views of the object
     image        Image()              one view (meshfolder metadata `image` column: embedded bytes or a file name)
-    images       List(Image())        several views (t500k `image_list`); the collator draws one per sample and epoch
+    images       List(Image())        several views (t500k `image_list`, Hunyuan3D-2.1 `render_cond/*.png`); the
+                                      collator draws one per sample and epoch
 
 Layouts (`layout=`):
     meshfolder    `DIR/[split/]*.glb|ply|stl|obj|off` + `metadata.csv|jsonl|parquet` with `file_name` and a caption
@@ -25,7 +26,8 @@ Layouts (`layout=`):
                   meshes or `.npy` clouds named `<uid>.<ext>`: `{"captions": CSV, "shapes": DIR}`, or a folder with
                   exactly one `.csv` next to the shapes (or a `shapes/` subfolder). Duplicate uids keep their first
                   row and `NA` / `nan` / empty captions are dropped, each with a warning naming the uids.
-    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively).
+    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively). In its
+                  `<uid>/geo_data/` tree, the renders `<uid>/render_cond/*.png` become the `images` column.
     parquet       parquet file(s) with a caption column and a mesh column (a `Mesh()` struct or raw bytes).
     cgmllm_t500k  the official CG-MLLM 3D sets (see `cgmllm.training.official_data`).
     pointllm      PointLLM's caption set: `{"captions": JSONL, "shapes": 8192_npy/}`, or a folder holding one
@@ -115,8 +117,10 @@ def load_caption_dataset(
 
 def detect_layout(path_or_spec) -> str:
     if isinstance(path_or_spec, dict):
-        captions = str(path_or_spec.get("captions", ""))
-        return "pointllm" if captions.endswith((".jsonl", ".json")) else "cap3d"
+        if str(path_or_spec.get("captions", "")).endswith((".jsonl", ".json")):
+            return "pointllm"
+        shapes = Path(path_or_spec.get("shapes", ""))
+        return "hunyuan3d" if shapes.is_dir() and next(shapes.rglob(f"*{SURFACE_SUFFIX}"), None) else "cap3d"
     path = Path(path_or_spec)
     if path.is_file() and path.suffix == ".parquet" or "*" in str(path_or_spec):
         return "parquet"
@@ -391,6 +395,16 @@ def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
     return index, kinds.pop()
 
 
+def _hunyuan3d_views(index: dict[str, str]) -> dict[str, list[str]]:
+    """uid -> the `*.png` renders of Hunyuan3D-2.1's `<uid>/render_cond/` next to `<uid>/geo_data/` (if any)."""
+    views = {}
+    for uid, surface_file in index.items():
+        folder = Path(surface_file).parent.parent / "render_cond"
+        if Path(surface_file).parent.name == "geo_data" and folder.is_dir():
+            views[uid] = sorted(str(path) for path in folder.glob("*.png"))
+    return {uid: paths for uid, paths in views.items() if paths}
+
+
 def _clean_caption_table(captions, streaming: bool):
     """Cap3D: keep the first row of a duplicated uid and drop `NA` / `nan` / empty captions, warning with the uids."""
     if streaming:
@@ -444,6 +458,9 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
         shape_feature = {"mesh": Mesh(decode=False), "surface_file": Value("string")}[kind]
     features = Features({"uid": Value("string"), "caption": Value("string"), kind: shape_feature,
                          "_error": Value("string")})
+    views = _hunyuan3d_views(index) if layout == "hunyuan3d" else {}
+    if views:
+        features["images"] = List(Image())
 
     def rows(batch):
         out = {name: [] for name in features}
@@ -461,6 +478,8 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
                 error = _shape_error(kind, value) if validate else None
             for name, item in (("uid", uid), ("caption", caption), (kind, value), ("_error", error)):
                 out[name].append(item)
+            if views:
+                out["images"].append([{"path": view, "bytes": None} for view in views.get(uid, [])])
         return out
 
     return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes",

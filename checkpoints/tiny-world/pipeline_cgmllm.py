@@ -830,9 +830,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            from cgmllm import PointBERTEncoder
-
-            components["point_encoder"] = PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
         check_component_agreement(components, path)
         kwargs.pop("trust_remote_code", None)
         if kwargs:

@@ -1,0 +1,85 @@
+"""Denoising steps through the standard cache API (update, then crop back) with DynamicCache and StaticCache, and
+the attention paths a step can take on CPU (no mask -> sdpa's unmasked kernel, dense masks, flex block masks)."""
+
+import pytest
+import torch
+from conftest import shape_span
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticSlidingWindowLayer
+
+from cgmllm.masking_cgmllm import create_hybrid_attention_mask
+
+
+PROMPT = torch.tensor([[21, 22, 23, 24, 25]])
+BLOCK = torch.tensor([shape_span(6)])
+
+
+def _step(model, cache, latents, timesteps, attention_mask=None):
+    rope = torch.full((3, 1, BLOCK.shape[1]), PROMPT.shape[1])
+    return model(input_ids=BLOCK, cache=cache, update_cache=False, position_ids=rope, attention_mask=attention_mask,
+                 shape_latents=latents, shape_timesteps=timesteps).velocity
+
+
+@pytest.mark.parametrize("cache_type", ["dynamic", "static"])
+def test_denoising_step_updates_then_crops_the_cache(tiny_model, cache_type):
+    latents, timesteps = torch.randn(6, 8), torch.full((6,), 0.8)
+    with torch.no_grad():
+        full = tiny_model(input_ids=torch.cat([PROMPT, BLOCK], 1), shape_latents=latents, shape_timesteps=timesteps)
+        if cache_type == "dynamic":
+            cache = DynamicCache(config=tiny_model.config.text_config)
+        else:
+            cache = StaticCache(config=tiny_model.config.text_config, max_cache_len=32)
+        tiny_model(input_ids=PROMPT, cache=cache, use_cache=True)
+        prompt_keys = cache.layers[0].keys[:, :, : PROMPT.shape[1]].clone()
+        for _ in range(3):  # every step sees the prompt only: the previous step's rows were cropped off
+            velocity = _step(tiny_model, cache, latents, timesteps)
+            assert int(cache.get_seq_length()) == PROMPT.shape[1]
+            torch.testing.assert_close(velocity, full.velocity, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cache.layers[0].keys[:, :, : PROMPT.shape[1]], prompt_keys, rtol=0, atol=0)
+
+
+def test_a_cache_that_cannot_be_cropped_is_refused(tiny_model):
+    # A static sliding window longer than its window cannot restore cropped states.
+    layers = [StaticSlidingWindowLayer(max_cache_len=32, sliding_window=4) for _ in range(2)]
+    cache = Cache(layers=layers)
+    with torch.no_grad():
+        tiny_model(input_ids=PROMPT, cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="cannot be cropped"):
+            _step(tiny_model, cache, torch.randn(6, 8), torch.full((6,), 0.5))
+
+
+def test_unpadded_denoising_step_needs_no_mask_and_every_kernel_agrees(tiny_model):
+    latents, timesteps = torch.randn(6, 8), torch.full((6,), 0.6)
+    config = tiny_model.config.text_config
+    embeds = torch.zeros(1, BLOCK.shape[1], 4)
+    block_ids, noisy = torch.zeros_like(BLOCK), torch.ones_like(BLOCK, dtype=torch.bool)
+    # Unpadded prompt: no mask at all (sdpa runs unmasked, non-causal: its flash path on a GPU).
+    assert create_hybrid_attention_mask(config, embeds, None, PROMPT.shape[1], block_ids, noisy) is None
+    # A padded prompt keeps the padding mask, broadcast over the queries.
+    padded = torch.tensor([[0] + [1] * (PROMPT.shape[1] - 1) + [1] * BLOCK.shape[1]])
+    mask = create_hybrid_attention_mask(config, embeds, padded, PROMPT.shape[1], block_ids, noisy)
+    assert mask.shape == (1, 1, 1, PROMPT.shape[1] + BLOCK.shape[1]) and not bool(mask[0, 0, 0, 0])
+
+    results, padded_results = {}, {}
+    padded_prompt = torch.cat([torch.zeros(1, 1, dtype=torch.long), PROMPT], 1)
+    padded_mask = torch.ones(1, padded_prompt.shape[1] + BLOCK.shape[1], dtype=torch.long)
+    padded_mask[0, 0] = 0
+    rope = torch.full((3, 1, BLOCK.shape[1]), PROMPT.shape[1])
+    with torch.no_grad():
+        full = tiny_model(input_ids=torch.cat([PROMPT, BLOCK], 1), shape_latents=latents, shape_timesteps=timesteps)
+        for implementation in ("sdpa", "eager", "flex_attention"):
+            tiny_model.set_attn_implementation({"text_config": implementation, "vision_config": "sdpa"})
+            cache = DynamicCache(config=config)
+            tiny_model(input_ids=PROMPT, cache=cache, use_cache=True)
+            results[implementation] = _step(tiny_model, cache, latents, timesteps)
+            # A left-padded prompt: the padding mask path (dense for sdpa / eager, a BlockMask for flex).
+            cache = DynamicCache(config=config)
+            tiny_model(input_ids=padded_prompt, attention_mask=padded_mask[:, : padded_prompt.shape[1]], cache=cache,
+                       use_cache=True)
+            padded_results[implementation] = tiny_model(
+                input_ids=BLOCK, cache=cache, update_cache=False, position_ids=rope, attention_mask=padded_mask,
+                shape_latents=latents, shape_timesteps=timesteps).velocity
+        tiny_model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    for implementation in results:
+        torch.testing.assert_close(results[implementation], full.velocity, rtol=1e-4, atol=1e-5, msg=implementation)
+        torch.testing.assert_close(padded_results[implementation], full.velocity, rtol=1e-4, atol=1e-5,
+                                   msg=implementation)
