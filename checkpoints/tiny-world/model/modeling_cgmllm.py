@@ -1313,12 +1313,13 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
         # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForImageTextToText", "modeling_cgmllm.CGMLLMForConditionalGeneration")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # `variant` is named in the signature: a diffusers pipeline passes it only to components that declare it.
+        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Builders
