@@ -412,11 +412,12 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
         # `register_for_auto_class` writes only the saved class's entry; a checkpoint of either class loads as both.
         if isinstance(self.config, CGMLLMConfig):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # `variant` is named in the signature: a diffusers pipeline passes it only to components that declare it.
+        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -486,6 +486,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sigmas: list[float] | None = None,
         output_type: str = "trimesh",
+        num_images_per_prompt: int | None = None,
         octree_resolution: int = 128,
         mc_level: float = 0.0,
         mesh_kwargs: dict | None = None,
@@ -514,6 +515,8 @@ class CGMLLMPipeline(DiffusionPipeline):
                 block. K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
                 through the KV cache; K = 1 is token-by-token generation.
             num_meshes_per_prompt: objects per prompt / image.
+            num_images_per_prompt: the name diffusers' pipelines (Shap-E included) and their tooling use for the
+                same count; an alias of `num_meshes_per_prompt` (giving both with different values is an error).
             generator: `torch.Generator` (or one per object) for the initial noise.
             latents: initial noise `(B, N, C)` instead of drawing it.
             sigmas: unshifted flow times, one per step, passed to `scheduler.set_timesteps` (which applies its shift
@@ -526,9 +529,18 @@ class CGMLLMPipeline(DiffusionPipeline):
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
 
         Returns:
-            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object) and `latents`
-            `(B, N, C)`; a tuple `(meshes, latents)` when `return_dict=False`.
+            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object; None for
+            `output_type="latent"`) and `latents` `(B, N, C)`. With `return_dict=False`, the output's fields that are
+            not None as a tuple (diffusers' `BaseOutput.to_tuple`): `(meshes, latents)`, or `(latents,)` for
+            `output_type="latent"`, so that `output[0]` and `tuple_output[0]` are the same object.
         """
+        if num_images_per_prompt is not None:
+            if num_meshes_per_prompt not in (1, num_images_per_prompt):
+                raise ValueError(
+                    f"`num_images_per_prompt` ({num_images_per_prompt!r}) is an alias of `num_meshes_per_prompt` "
+                    f"({num_meshes_per_prompt!r}); give one of them."
+                )
+            num_meshes_per_prompt = num_images_per_prompt
         num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
         if shape_block_size is None:
             # The block size the model was trained with; the whole object in one block when it has none (official).
@@ -634,9 +646,10 @@ class CGMLLMPipeline(DiffusionPipeline):
                     **(mesh_kwargs or {}),
                 )
         self.maybe_free_model_hooks()
+        output = CGMLLMPipelineOutput(meshes=meshes, latents=latents)
         if not return_dict:
-            return meshes, latents
-        return CGMLLMPipelineOutput(meshes=meshes, latents=latents)
+            return output.to_tuple()
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Captioning
@@ -834,12 +847,29 @@ class CGMLLMPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a saved pipeline from a local folder or a Hub repo id.
+        """Load a saved pipeline. With the `cgmllm` package installed and a local folder, the components are
+        built from the installed classes (no remote code needed); otherwise diffusers' loader is used (pass
+        `trust_remote_code=True` for the files in the folder).
 
-        With the `cgmllm` package installed the components are built from the installed classes, so no remote code
-        runs and `trust_remote_code` is not needed (a Hub repo is downloaded with `huggingface_hub.snapshot_download`
-        first, honouring `revision`, `token`, `cache_dir`, `local_files_only`). Without the package, diffusers'
-        loader runs the code shipped in the folder: `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`.
+        The local loader honours `DiffusionPipeline.from_pretrained`'s loading keywords the way diffusers does:
+
+        * `variant` (e.g. `"fp16"`): every component whose folder holds weights of that variant
+          (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16.safetensors`) loads them, the others load their
+          regular weights; a variant that no component has raises a `ValueError`.
+        * `dtype` (or `torch_dtype`): one `torch.dtype` for every component, or a dict by component name with an
+          optional `"default"` entry (float32 when absent), e.g. `{"model": torch.bfloat16, "default": torch.float16}`.
+        * `use_safetensors`, and components passed as objects (`model=...`), which are used as they are.
+        * `cache_dir`, `revision`, `token`, `force_download`, `local_files_only`, `proxies`: Hub download options,
+          without effect on a local folder.
+
+        Any other keyword (`device_map`, `quantization_config`, ...) hands the whole load to
+        `DiffusionPipeline.from_pretrained`, which then builds the components from the folder's own code files
+        (`trust_remote_code=True`).
+
+        A Hub repo id is first downloaded with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
+        `force_download`, `local_files_only`), then loaded the same way: with the package installed no remote code
+        runs, so `trust_remote_code` is not needed. Without the package, `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)` runs the code shipped in the folder.
         """
         path = Path(pretrained_model_name_or_path)
         try:
@@ -850,15 +880,16 @@ class CGMLLMPipeline(DiffusionPipeline):
             ShapeVAE = importlib.import_module("cgmllm.modeling_shape_vae").ShapeVAE
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
-        if not path.exists() and not kwargs.get("custom_pipeline"):
-            import huggingface_hub
-
-            download = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only")
-                        if key in kwargs}
-            path = Path(huggingface_hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
-        if not (path / "model_index.json").is_file():
+        unhandled = set(kwargs) - set(_LOCAL_LOAD_KWARGS) - set(_REMOTE_COMPONENTS) - {"scheduler"}
+        if not path.exists() and not unhandled:
+            # A Hub repo id: download it, then build it from the installed classes like a local folder.
+            download = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "force_download",
+                                                     "local_files_only") if key in kwargs}
+            hub = importlib.import_module("huggingface_hub")
+            path = Path(hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
+        if not (path / "model_index.json").is_file() or unhandled:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
         missing = [
             f"{name}/{file}" for name, file in _COMPONENT_CONFIG_FILES.items()
             if name not in kwargs and not (path / name / file).is_file()
@@ -868,10 +899,35 @@ class CGMLLMPipeline(DiffusionPipeline):
                 f"{path} is not a complete CGMLLMPipeline folder: {', '.join(missing)} missing. Save one with "
                 "`CGMLLMPipeline.save_pretrained`, or pass the missing components as arguments."
             )
-        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+
+        dtype = kwargs.pop("dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        if dtype is not None and not isinstance(dtype, (dict, torch.dtype)):
+            raise ValueError(f"`dtype` must be a torch.dtype or a dict of them by component name, got {dtype!r}.")
+        variant = kwargs.pop("variant", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        model_variants = {
+            name: variant for name in ("model", "vae", "point_encoder") if _has_variant(path / name, variant)
+        }
+        if variant is not None and not model_variants:
+            raise ValueError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {path} (e.g. `model/model.{variant}.safetensors`)."
+            )
+
+        def component_dtype(name):
+            if isinstance(dtype, dict):
+                return dtype.get(name, dtype.get("default", torch.float32))
+            return dtype
+
+        weights = {"use_safetensors": use_safetensors} if use_safetensors is not None else {}
         loaders = {
-            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(p, dtype=dtype),
-            "vae": lambda p: ShapeVAE.from_pretrained(p, torch_dtype=dtype),
+            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(
+                p, dtype=component_dtype("model"), variant=model_variants.get("model"), **weights
+            ),
+            "vae": lambda p: ShapeVAE.from_pretrained(
+                p, torch_dtype=component_dtype("vae"), variant=model_variants.get("vae"), **weights
+            ),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
             "processor": CGMLLMProcessor.from_pretrained,
         }
@@ -879,11 +935,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(
+                path / "point_encoder", dtype=component_dtype("point_encoder"),
+                variant=model_variants.get("point_encoder"), **weights,
+            )
         check_component_agreement(components, path)
-        kwargs.pop("trust_remote_code", None)
-        if kwargs:
-            logger.warning(f"Ignoring arguments {sorted(kwargs)} when loading {cls.__name__} from a local folder.")
         return cls(**components)
 
 
@@ -917,6 +973,20 @@ def check_component_agreement(components: dict, where="the pipeline") -> None:
                             f"obj_und_connector takes {width}-d")
     if problems:
         raise ValueError(f"The components of {where} do not belong together: " + "; ".join(problems) + ".")
+
+
+# Keywords of `DiffusionPipeline.from_pretrained` that `CGMLLMPipeline.from_pretrained` honours on a local folder.
+_LOCAL_LOAD_KWARGS = (
+    "variant", "dtype", "torch_dtype", "use_safetensors", "trust_remote_code",
+    "cache_dir", "revision", "token", "force_download", "local_files_only", "proxies",
+)
+
+
+def _has_variant(folder: Path, variant: str | None) -> bool:
+    """Whether a component folder holds weights of `variant` (`<name>.<variant>[-shard].<ext>`, diffusers' rule)."""
+    if variant is None or not folder.is_dir():
+        return False
+    return any(len(f.split(".")) > 2 and f.split(".")[1].startswith(variant) for f in os.listdir(folder))
 
 
 __all__ = [

@@ -83,3 +83,31 @@ def test_unpadded_denoising_step_needs_no_mask_and_every_kernel_agrees(tiny_mode
         torch.testing.assert_close(results[implementation], full.velocity, rtol=1e-4, atol=1e-5, msg=implementation)
         torch.testing.assert_close(padded_results[implementation], full.velocity, rtol=1e-4, atol=1e-5,
                                    msg=implementation)
+
+
+def test_denoising_steps_trace_with_torch_compile_without_recompiling(tiny_model):
+    # Dynamo tracing only (`backend="eager"`: no code generation, seconds on CPU); the inductor speed-up is measured
+    # by benchmarks/bench_denoise_compile.py. Graphs for the prefill, the first step and the steps on the cropped
+    # cache; later steps reuse them.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    latents, timesteps = torch.randn(6, 8), torch.full((6,), 0.3)
+    with torch.no_grad():
+        cache = DynamicCache(config=tiny_model.config.text_config)
+        tiny_model(input_ids=PROMPT, cache=cache, use_cache=True)
+        expected = _step(tiny_model, cache, latents, timesteps)
+        decoder = tiny_model.model.language_model
+        compiled = torch.compile(decoder, backend="eager", dynamic=False)
+        tiny_model.model.language_model = compiled
+        try:
+            cache = DynamicCache(config=tiny_model.config.text_config)
+            tiny_model(input_ids=PROMPT, cache=cache, use_cache=True)
+            graphs = []
+            for _ in range(4):
+                torch.testing.assert_close(_step(tiny_model, cache, latents, timesteps), expected, rtol=1e-5,
+                                           atol=1e-6)
+                graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        finally:
+            tiny_model.model.language_model = decoder
+    assert graphs[1] == graphs[2] == graphs[3]  # after the first two steps, nothing is compiled again

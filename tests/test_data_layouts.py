@@ -67,7 +67,7 @@ def processor():
     return tiny_processor()
 
 
-# 1. CG-MLLM t500k ------------------------------------------------------------------------------------------------------
+# 1. CG-MLLM t500k -----------------------------------------------------------------------------------------------------
 def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_path):
     arrays = write_t500k_folder(tmp_path / "CGMLLM_t500k_github")
     ds = load_caption_dataset(tmp_path / "CGMLLM_t500k_github")
@@ -209,15 +209,15 @@ def test_hunyuan3d_bad_npz_is_named(tmp_path):
         load_caption_dataset(tmp_path, layout="hunyuan3d")
 
 
-# 3. PointLLM -----------------------------------------------------------------------------------------------------------
+# 3. PointLLM ----------------------------------------------------------------------------------------------------------
 def write_pointllm_folder(root: Path, ids, num_points=8192) -> dict:
     (root / "8192_npy").mkdir(parents=True)
     rng = np.random.default_rng(2)
     clouds = {}
     with open(root / "PointLLM_brief_description_660K_filtered.jsonl", "w") as handle:
         for i, object_id in enumerate(ids):
-            clouds[object_id] = np.concatenate([rng.normal(3.0, 2.0, (num_points, 3)), rng.uniform(0, 1, (num_points, 3))],
-                                               1).astype(np.float32)
+            xyz, rgb = rng.normal(3.0, 2.0, (num_points, 3)), rng.uniform(0, 1, (num_points, 3))
+            clouds[object_id] = np.concatenate([xyz, rgb], 1).astype(np.float32)
             np.save(root / "8192_npy" / f"{object_id}_8192.npy", clouds[object_id])
             record = {"object_id": object_id, "conversations": [
                 {"from": "human", "value": "<point>\nWhat is this?" if i % 2 else "Summarize this object.\n<point>"},
@@ -263,9 +263,12 @@ def test_pointllm_missing_cloud_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [r["uid"] for r in load_caption_dataset(tmp_path, streaming=True, skip_bad_samples=True)] == ["a"]
     assert "Skipping Bad sample 'b'" in caplog.text
+    (tmp_path / "more.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"A PointLLM folder must hold exactly one \*.jsonl file; .* has 2"):
+        load_caption_dataset(tmp_path, layout="pointllm")
 
 
-# 4. Arrow features, num_proc, streaming of the other layouts ------------------------------------------------------------
+# 4. Arrow features, num_proc, streaming of the other layouts ----------------------------------------------------------
 def test_cap3d_point_clouds_are_array2d_and_num_proc_gives_the_same_rows(tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "shapes").mkdir()
@@ -297,7 +300,7 @@ def test_meshfolder_and_parquet_stream(tmp_path):
     assert [row["uid"] for row in rows] == ["0", "1"] and rows[1]["mesh"]["bytes"][:4] == b"glTF"
 
 
-# 5. Issue 18 item 8: nothing dropped without a word ---------------------------------------------------------------------
+# 5. Issue 18 item 8: nothing dropped without a word -------------------------------------------------------------------
 def test_mesh_files_named_by_no_metadata_row_are_warned_about_by_name(tmp_path, caplog):
     folder = Path(write_mesh_folder(tmp_path / "m", names=["box", "ball"]))
     primitive_mesh("cone").export(folder / "orphan_cone.glb")
@@ -387,7 +390,8 @@ def test_a_batch_cannot_mix_clouds_and_shapes(tmp_path, processor):
     write_pointllm_folder(tmp_path / "p", ["a"], num_points=64)
     cloud = load_caption_dataset(tmp_path / "p")[0]
     shape = {"uid": "s", "caption": "a box", "latents": np.zeros((4, 8), np.float32)}
-    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0}, point_encoder=_tiny_point_encoder())
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0},
+                                  point_encoder=_tiny_point_encoder())
     with pytest.raises(ValueError, match="mixes PointBERT clouds \\('a'\\) with ShapeVAE shapes"):
         collator([shape, cloud])
 
@@ -406,3 +410,31 @@ def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path
     np.save(tmp_path / "p" / "8192_npy" / "a_8192.npy", clouds["a"][::-1].copy())
     again = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
     np.testing.assert_allclose(again, first[::-1], atol=1e-6)
+
+
+def test_pointllm_set_through_cgmllm_preprocess_and_cgmllm_train(tmp_path):
+    import torch
+
+    from cgmllm.training.cli import train_main
+
+    write_pointllm_folder(tmp_path / "pointllm", ["a", "b", "c"], num_points=64)
+    with pytest.raises(ValueError, match="drop --shape-vae"):
+        preprocess_main(["--data", str(tmp_path / "pointllm"), "--shape-vae", "x", "--out", str(tmp_path / "c0")])
+    cache = preprocess_main(["--data", str(tmp_path / "pointllm"), "--out", str(tmp_path / "cache")])
+    assert cache.column_names == ["uid", "caption", "question", "point_cloud"] and len(cache) == 3
+    _tiny_point_encoder().save_pretrained(tmp_path / "point_encoder")
+
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
+    common = ["--config", str(config), "--set", f"data.path={tmp_path / 'cache'}",
+              "--set", "tasks={shape_caption: 1.0}", "--set", "model.tiny.point_feature_dim=16"]
+    with pytest.raises(ValueError, match="set `point_encoder`"):
+        train_main(common + ["--set", f"output_dir={tmp_path / 'run0'}"])
+    model, results = train_main(common + ["--set", f"output_dir={tmp_path / 'run'}",
+                                          "--set", f"point_encoder={tmp_path / 'point_encoder'}"])
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in results)
+    from cgmllm import CGMLLMForConditionalGeneration
+
+    final = CGMLLMForConditionalGeneration.from_pretrained(results[-1]["final"])
+    fresh = [(torch.manual_seed(0), type(final)(final.config))[1].model.obj_und_connector.fc1.weight for _ in "ab"]
+    assert torch.equal(*fresh)  # the tiny model's initial weights (built as `model.tiny` builds it) ...
+    assert not torch.allclose(final.model.obj_und_connector.fc1.weight, fresh[0])  # ... moved: the connector trained

@@ -44,7 +44,15 @@ def test_padding_free_packing_equals_the_padded_batch(tiny_model):
     with torch.no_grad():
         packed = tiny_model(**flat, **extra)
         padded = tiny_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+        # Without labels: every position's logits, the last token of each sample included.
+        packed_all = tiny_model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], **extra).logits
+        padded_all = tiny_model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
+    start = 0
+    for row, sample in enumerate(samples):
+        torch.testing.assert_close(packed_all[0, start:start + len(sample)], padded_all[row, : len(sample)],
+                                   rtol=1e-5, atol=1e-5)
+        start += len(sample)
     # With labels the logits are those of the labelled rows only, in row-major order: the same rows in both layouts.
     assert packed.logits.shape == padded.logits.shape == (sum(len(s) - 1 for s in samples), 99)
     torch.testing.assert_close(packed.logits, padded.logits, rtol=1e-5, atol=1e-5)

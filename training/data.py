@@ -351,25 +351,26 @@ def _meshfolder(folder, caption_column, split, image_column, validate, streaming
 # ----------------------------------------------------------------------------------------------------------------
 # Cap3D / Hunyuan3D-2.1: a header-less uid,caption CSV + shape files named by uid
 # ----------------------------------------------------------------------------------------------------------------
-def _caption_csv_and_shapes(spec) -> tuple[Path, Path]:
+def _captions_and_shapes(spec, pattern: str, shapes_of, what: str) -> tuple[Path, Path]:
+    """`{"captions": FILE, "shapes": DIR}`, or a folder holding exactly one `pattern` file (its shape folder is
+    `shapes_of(folder)`) -> both paths, checked."""
     if isinstance(spec, dict):
         unknown = set(spec) - {"captions", "shapes"}
         if unknown:
             raise ValueError(f"Unknown data spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        csv_path, shapes = Path(spec["captions"]), Path(spec["shapes"])
+        captions, shapes = Path(spec["captions"]), Path(spec["shapes"])
     else:
         folder = Path(spec)
-        csvs = sorted(folder.glob("*.csv"))
-        if len(csvs) != 1:
-            raise ValueError(f"A Cap3D / Hunyuan3D folder must hold exactly one uid,caption .csv; {folder} has "
-                             f"{len(csvs)}.")
-        csv_path = csvs[0]
-        shapes = folder / "shapes" if (folder / "shapes").is_dir() else folder
-    if not csv_path.is_file():
-        raise ValueError(f"Caption file {csv_path} does not exist.")
+        found = sorted(folder.glob(pattern))
+        if len(found) != 1:
+            raise ValueError(f"A {what} folder must hold exactly one {pattern} file; {folder} has {len(found)}. Pass "
+                             "{'captions': FILE, 'shapes': DIR} instead.")
+        captions, shapes = found[0], shapes_of(folder)
+    if not captions.is_file():
+        raise ValueError(f"Caption file {captions} does not exist.")
     if not shapes.is_dir():
         raise ValueError(f"Shape folder {shapes} does not exist.")
-    return csv_path, shapes
+    return captions, shapes
 
 
 def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
@@ -440,7 +441,8 @@ def _clean_caption_table(captions, streaming: bool):
 
 
 def _captioned_shapes(spec, layout, validate, streaming, num_proc):
-    csv_path, shapes = _caption_csv_and_shapes(spec)
+    csv_path, shapes = _captions_and_shapes(spec, "*.csv", lambda f: f / "shapes" if (f / "shapes").is_dir() else f,
+                                            "Cap3D / Hunyuan3D")
     index, kind = _shape_index(shapes, layout)
     captions = load_dataset("csv", data_files=str(csv_path), column_names=["uid", "caption"], split="train",
                             keep_default_na=False, streaming=streaming,
@@ -549,22 +551,7 @@ def _t500k(folder, validate, streaming, num_proc):
 
 
 def _pointllm(spec, validate, streaming, num_proc):
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"captions", "shapes"}
-        if unknown:
-            raise ValueError(f"Unknown PointLLM spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        jsonl, points_dir = Path(spec["captions"]), Path(spec["shapes"])
-    else:
-        folder = Path(spec)
-        candidates = sorted(folder.glob("*.jsonl"))
-        if len(candidates) != 1:
-            raise ValueError(f"A PointLLM folder must hold exactly one *.jsonl next to 8192_npy/; {folder} has "
-                             f"{len(candidates)}. Pass {{'captions': JSONL, 'shapes': DIR}} instead.")
-        jsonl, points_dir = candidates[0], folder / "8192_npy"
-    if not jsonl.is_file():
-        raise ValueError(f"PointLLM conversation file {jsonl} does not exist.")
-    if not points_dir.is_dir():
-        raise ValueError(f"PointLLM point-cloud folder {points_dir} does not exist.")
+    jsonl, points_dir = _captions_and_shapes(spec, "*.jsonl", lambda f: f / "8192_npy", "PointLLM")
     records = _known_features(load_dataset("json", data_files=str(jsonl), split="train", streaming=streaming))
     missing = [name for name in ("object_id", "conversations") if name not in records.column_names]
     if missing:

@@ -486,6 +486,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sigmas: list[float] | None = None,
         output_type: str = "trimesh",
+        num_images_per_prompt: int | None = None,
         octree_resolution: int = 128,
         mc_level: float = 0.0,
         mesh_kwargs: dict | None = None,
@@ -509,11 +510,12 @@ class CGMLLMPipeline(DiffusionPipeline):
             guidance_renorm: official global renorm of the guided velocity.
             num_shape_tokens: latent rows N per object, in `[1, model.config.num_shape_tokens]`; defaults to
                 `model.config.num_shape_tokens`.
-            shape_block_size: rows K per block; must divide N. None: `model.config.shape_block_size`, the block size
-                the model was trained with, or the whole object in one block when that is None (official). K = N: one
-                block. K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
+            shape_block_size: rows K per block; must divide N. None or N: the whole object in one block (official).
+                K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
                 through the KV cache; K = 1 is token-by-token generation.
             num_meshes_per_prompt: objects per prompt / image.
+            num_images_per_prompt: the name diffusers' pipelines (Shap-E included) and their tooling use for the
+                same count; an alias of `num_meshes_per_prompt` (giving both with different values is an error).
             generator: `torch.Generator` (or one per object) for the initial noise.
             latents: initial noise `(B, N, C)` instead of drawing it.
             sigmas: unshifted flow times, one per step, passed to `scheduler.set_timesteps` (which applies its shift
@@ -526,21 +528,20 @@ class CGMLLMPipeline(DiffusionPipeline):
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
 
         Returns:
-            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object) and `latents`
-            `(B, N, C)`; a tuple `(meshes, latents)` when `return_dict=False`.
+            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object; None for
+            `output_type="latent"`) and `latents` `(B, N, C)`. With `return_dict=False`, the output's fields that are
+            not None as a tuple (diffusers' `BaseOutput.to_tuple`): `(meshes, latents)`, or `(latents,)` for
+            `output_type="latent"`, so that `output[0]` and `tuple_output[0]` are the same object.
         """
-        num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
-        if shape_block_size is None:
-            # The block size the model was trained with; the whole object in one block when it has none (official).
-            trained_block_size = getattr(self.model.config, "shape_block_size", None)
-            divides = not isinstance(num_shape_tokens, int) or num_shape_tokens % (trained_block_size or 1) == 0
-            if not divides:
+        if num_images_per_prompt is not None:
+            if num_meshes_per_prompt not in (1, num_images_per_prompt):
                 raise ValueError(
-                    f"The model generates in blocks of model.config.shape_block_size={trained_block_size} rows, which "
-                    f"does not divide num_shape_tokens={num_shape_tokens}; pass a multiple of {trained_block_size} or "
-                    "an explicit `shape_block_size`."
+                    f"`num_images_per_prompt` ({num_images_per_prompt!r}) is an alias of `num_meshes_per_prompt` "
+                    f"({num_meshes_per_prompt!r}); give one of them."
                 )
-            shape_block_size = trained_block_size or num_shape_tokens
+            num_meshes_per_prompt = num_images_per_prompt
+        num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
+        shape_block_size = num_shape_tokens if shape_block_size is None else shape_block_size
         if callback_on_step_end is not None and hasattr(callback_on_step_end, "tensor_inputs"):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -634,23 +635,22 @@ class CGMLLMPipeline(DiffusionPipeline):
                     **(mesh_kwargs or {}),
                 )
         self.maybe_free_model_hooks()
+        output = CGMLLMPipelineOutput(meshes=meshes, latents=latents)
         if not return_dict:
-            return meshes, latents
-        return CGMLLMPipelineOutput(meshes=meshes, latents=latents)
+            return output.to_tuple()
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Captioning
     # ------------------------------------------------------------------------------------------------------------
     def encode_mesh(self, mesh, num_shape_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`.
-
-        The surface is drawn as the training latent cache draws it (`processor.prepare_surfaces` with the VAE config:
-        `pc_size` uniform + `pc_sharpedge_size` sharp points), then encoded with `vae.encode(...).mode()` (the
-        cache holds posterior samples of the same distribution)."""
+        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`:
+        surface sampling, then `vae.encode(...).mode()` (the same latents the training cache holds)."""
         num_shape_tokens = num_shape_tokens or self.max_shape_tokens
         meshes = self._as_list(mesh)
+        num_points = num_shape_tokens * self.vae.config.downsample_ratio
         try:
-            surfaces = self.processor.prepare_surfaces(meshes, self.vae.config, seed=seed)
+            surfaces = self.processor.prepare_surfaces(meshes, num_points=num_points, seed=seed)
         except ValueError:
             raise
         except Exception as error:  # trimesh / IO errors of unreadable files
@@ -765,7 +765,7 @@ class CGMLLMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
     # ------------------------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Save the components and make the folder loadable without the `cgmllm` package:
 
         * `model_index.json` names the pipeline `["pipeline_cgmllm", "CGMLLMPipeline"]` and each custom component
@@ -774,14 +774,8 @@ class CGMLLMPipeline(DiffusionPipeline):
 
         `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` then works anywhere, and
         `CGMLLMPipeline.from_pretrained(path)` uses the installed classes.
-
-        With `push_to_hub=True` (and diffusers' `repo_id`, `token`, `private`, `create_pr`, `commit_message`) the
-        folder is uploaded once every file above is written, with a model card (`README.md`, from
-        `cgmllm.training.hub` when the folder has none) whose licence follows the VAE weights it holds.
         """
-        push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "create_pr", "commit_message")
-                if key in kwargs}
-        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        super().save_pretrained(save_directory, **kwargs)
         root = Path(save_directory)
         shutil.copyfile(__file__, root / "pipeline_cgmllm.py")
         vae_source = Path(sys.modules[type(self.vae).__module__].__file__)
@@ -811,35 +805,27 @@ class CGMLLMPipeline(DiffusionPipeline):
                     f"Saving {component}: {module_file}.py was not written to {root / component}; the folder would not "
                     "load as remote code."
                 )
-        if push_to_hub:
-            self._push_saved_folder(root, **push)
-
-    @staticmethod
-    def _push_saved_folder(root: Path, repo_id: str | None = None, token=None, private: bool | None = None,
-                           create_pr: bool = False, commit_message: str | None = None) -> str:
-        """Upload a folder written by `save_pretrained` (all files in place); returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id or root.name, private=private, exist_ok=True).repo_id
-        if not (root / "README.md").is_file():
-            try:  # by name: an import statement would make diffusers ask remote-code users to install the package
-                render_model_card = importlib.import_module("cgmllm.training.hub").render_model_card
-            except ImportError:  # remote-code copy without the package: no card template at hand
-                logger.warning(f"No README.md in {root}: the Hub repo {repo_id} gets no model card.")
-            else:
-                render_model_card(repo_id, folder=root).save(root / "README.md")
-        return api.upload_folder(repo_id=repo_id, folder_path=str(root), create_pr=create_pr,
-                                 commit_message=commit_message or "Upload CG-MLLM pipeline")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a saved pipeline from a local folder or a Hub repo id.
+        """Load a saved pipeline. With the `cgmllm` package installed and a local folder, the components are
+        built from the installed classes (no remote code needed); otherwise diffusers' loader is used (pass
+        `trust_remote_code=True` for the files in the folder).
 
-        With the `cgmllm` package installed the components are built from the installed classes, so no remote code
-        runs and `trust_remote_code` is not needed (a Hub repo is downloaded with `huggingface_hub.snapshot_download`
-        first, honouring `revision`, `token`, `cache_dir`, `local_files_only`). Without the package, diffusers'
-        loader runs the code shipped in the folder: `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`.
+        The local loader honours `DiffusionPipeline.from_pretrained`'s loading keywords the way diffusers does:
+
+        * `variant` (e.g. `"fp16"`): every component whose folder holds weights of that variant
+          (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16.safetensors`) loads them, the others load their
+          regular weights; a variant that no component has raises a `ValueError`.
+        * `dtype` (or `torch_dtype`): one `torch.dtype` for every component, or a dict by component name with an
+          optional `"default"` entry (float32 when absent), e.g. `{"model": torch.bfloat16, "default": torch.float16}`.
+        * `use_safetensors`, and components passed as objects (`model=...`), which are used as they are.
+        * `cache_dir`, `revision`, `token`, `force_download`, `local_files_only`, `proxies`: Hub download options,
+          without effect on a local folder.
+
+        Any other keyword (`device_map`, `quantization_config`, ...) hands the whole load to
+        `DiffusionPipeline.from_pretrained`, which then builds the components from the folder's own code files
+        (`trust_remote_code=True`).
         """
         path = Path(pretrained_model_name_or_path)
         try:
@@ -850,15 +836,10 @@ class CGMLLMPipeline(DiffusionPipeline):
             ShapeVAE = importlib.import_module("cgmllm.modeling_shape_vae").ShapeVAE
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
-        if not path.exists() and not kwargs.get("custom_pipeline"):
-            import huggingface_hub
-
-            download = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only")
-                        if key in kwargs}
-            path = Path(huggingface_hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
-        if not (path / "model_index.json").is_file():
+        unhandled = set(kwargs) - set(_LOCAL_LOAD_KWARGS) - set(_REMOTE_COMPONENTS) - {"scheduler"}
+        if not (path / "model_index.json").is_file() or unhandled:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
         missing = [
             f"{name}/{file}" for name, file in _COMPONENT_CONFIG_FILES.items()
             if name not in kwargs and not (path / name / file).is_file()
@@ -868,10 +849,35 @@ class CGMLLMPipeline(DiffusionPipeline):
                 f"{path} is not a complete CGMLLMPipeline folder: {', '.join(missing)} missing. Save one with "
                 "`CGMLLMPipeline.save_pretrained`, or pass the missing components as arguments."
             )
-        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+
+        dtype = kwargs.pop("dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        if dtype is not None and not isinstance(dtype, (dict, torch.dtype)):
+            raise ValueError(f"`dtype` must be a torch.dtype or a dict of them by component name, got {dtype!r}.")
+        variant = kwargs.pop("variant", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        model_variants = {
+            name: variant for name in ("model", "vae", "point_encoder") if _has_variant(path / name, variant)
+        }
+        if variant is not None and not model_variants:
+            raise ValueError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {path} (e.g. `model/model.{variant}.safetensors`)."
+            )
+
+        def component_dtype(name):
+            if isinstance(dtype, dict):
+                return dtype.get(name, dtype.get("default", torch.float32))
+            return dtype
+
+        weights = {"use_safetensors": use_safetensors} if use_safetensors is not None else {}
         loaders = {
-            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(p, dtype=dtype),
-            "vae": lambda p: ShapeVAE.from_pretrained(p, torch_dtype=dtype),
+            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(
+                p, dtype=component_dtype("model"), variant=model_variants.get("model"), **weights
+            ),
+            "vae": lambda p: ShapeVAE.from_pretrained(
+                p, torch_dtype=component_dtype("vae"), variant=model_variants.get("vae"), **weights
+            ),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
             "processor": CGMLLMProcessor.from_pretrained,
         }
@@ -879,11 +885,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(
+                path / "point_encoder", dtype=component_dtype("point_encoder"),
+                variant=model_variants.get("point_encoder"), **weights,
+            )
         check_component_agreement(components, path)
-        kwargs.pop("trust_remote_code", None)
-        if kwargs:
-            logger.warning(f"Ignoring arguments {sorted(kwargs)} when loading {cls.__name__} from a local folder.")
         return cls(**components)
 
 
@@ -917,6 +923,20 @@ def check_component_agreement(components: dict, where="the pipeline") -> None:
                             f"obj_und_connector takes {width}-d")
     if problems:
         raise ValueError(f"The components of {where} do not belong together: " + "; ".join(problems) + ".")
+
+
+# Keywords of `DiffusionPipeline.from_pretrained` that `CGMLLMPipeline.from_pretrained` honours on a local folder.
+_LOCAL_LOAD_KWARGS = (
+    "variant", "dtype", "torch_dtype", "use_safetensors", "trust_remote_code",
+    "cache_dir", "revision", "token", "force_download", "local_files_only", "proxies",
+)
+
+
+def _has_variant(folder: Path, variant: str | None) -> bool:
+    """Whether a component folder holds weights of `variant` (`<name>.<variant>[-shard].<ext>`, diffusers' rule)."""
+    if variant is None or not folder.is_dir():
+        return False
+    return any(len(f.split(".")) > 2 and f.split(".")[1].startswith(variant) for f in os.listdir(folder))
 
 
 __all__ = [
