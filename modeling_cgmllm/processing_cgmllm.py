@@ -15,6 +15,7 @@ sequences. They follow the official release (no chat template; each text piece i
 
 import re
 
+import numpy as np
 import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
