@@ -179,7 +179,7 @@ def default_num_threads() -> int:
     """Threads for torch when neither `--threads` nor `OMP_NUM_THREADS` says: the cores that are idle now.
 
     torch's own default (one thread per core) is the fastest on an idle machine, but on a loaded one its threads
-    wait for each other: measured on 2 busy cores, a denoising step ran 7x slower than with 1 thread
+    wait for each other: on 2 cores at a load average of 12, 2 threads made the denoising 30x slower than 1
     (`benchmarks/bench_cli.py`). So: the cores not already busy (1-minute load average), at least 1, at most 8.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -313,6 +313,21 @@ def _stage_result(stage, final, train_loss, log_history, resumed_from=None, skip
             "log_history": log_history, "final": final, "resumed_from": resumed_from, "skipped": skipped}
 
 
+def record_longest_prompt(model, processor, dataset) -> None:
+    """Set `model.config.max_prompt_tokens` to the longest text -> 3D prompt (template included) this data gives, or
+    keep a longer value the model already has: the pipeline warns for prompts beyond it. Streamed data is skipped
+    (it cannot be read twice)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "caption" not in dataset.column_names or len(dataset) == 0:
+        return
+    prompts = [processor.text_to_shape_prompt(caption) for caption in dataset["caption"] if caption]
+    if not prompts:
+        return
+    longest = max(len(ids) for ids in processor.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    model.config.max_prompt_tokens = max(longest, model.config.max_prompt_tokens or 0)
+
+
 def run_stages(config: dict, resume=None):
     """Train every stage in order; each continues from the weights (and EMA) the previous stage ended with.
 
@@ -328,6 +343,7 @@ def run_stages(config: dict, resume=None):
 
     first, checkpoint = _resume_plan(config, resume)
     model, processor, dataset, vae = build_components(config)
+    record_longest_prompt(model, processor, dataset)
     point_encoder = load_point_encoder(config["point_encoder"]) if config.get("point_encoder") else None
     if "point_cloud" in dataset.column_names and point_encoder is None:
         raise ValueError("The data holds PointBERT clouds (PointLLM's caption set): set `point_encoder` (a saved "
@@ -374,6 +390,7 @@ def run_stages(config: dict, resume=None):
             processor, n, task_weights=stage.task_weights or config.get("tasks") or
             {"text_to_shape": 1.0, "shape_caption": 1.0}, condition_dropout=stage.condition_dropout,
             max_tokens=stage.max_tokens, seed=seed, point_encoder=point_encoder,
+            shape_block_size=model.config.shape_block_size,
         )
         training = dict(config.get("training") or {})
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

@@ -351,25 +351,26 @@ def _meshfolder(folder, caption_column, split, image_column, validate, streaming
 # ----------------------------------------------------------------------------------------------------------------
 # Cap3D / Hunyuan3D-2.1: a header-less uid,caption CSV + shape files named by uid
 # ----------------------------------------------------------------------------------------------------------------
-def _caption_csv_and_shapes(spec) -> tuple[Path, Path]:
+def _captions_and_shapes(spec, pattern: str, shapes_of, what: str) -> tuple[Path, Path]:
+    """`{"captions": FILE, "shapes": DIR}`, or a folder holding exactly one `pattern` file (its shape folder is
+    `shapes_of(folder)`) -> both paths, checked."""
     if isinstance(spec, dict):
         unknown = set(spec) - {"captions", "shapes"}
         if unknown:
             raise ValueError(f"Unknown data spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        csv_path, shapes = Path(spec["captions"]), Path(spec["shapes"])
+        captions, shapes = Path(spec["captions"]), Path(spec["shapes"])
     else:
         folder = Path(spec)
-        csvs = sorted(folder.glob("*.csv"))
-        if len(csvs) != 1:
-            raise ValueError(f"A Cap3D / Hunyuan3D folder must hold exactly one uid,caption .csv; {folder} has "
-                             f"{len(csvs)}.")
-        csv_path = csvs[0]
-        shapes = folder / "shapes" if (folder / "shapes").is_dir() else folder
-    if not csv_path.is_file():
-        raise ValueError(f"Caption file {csv_path} does not exist.")
+        found = sorted(folder.glob(pattern))
+        if len(found) != 1:
+            raise ValueError(f"A {what} folder must hold exactly one {pattern} file; {folder} has {len(found)}. Pass "
+                             "{'captions': FILE, 'shapes': DIR} instead.")
+        captions, shapes = found[0], shapes_of(folder)
+    if not captions.is_file():
+        raise ValueError(f"Caption file {captions} does not exist.")
     if not shapes.is_dir():
         raise ValueError(f"Shape folder {shapes} does not exist.")
-    return csv_path, shapes
+    return captions, shapes
 
 
 def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
@@ -440,7 +441,8 @@ def _clean_caption_table(captions, streaming: bool):
 
 
 def _captioned_shapes(spec, layout, validate, streaming, num_proc):
-    csv_path, shapes = _caption_csv_and_shapes(spec)
+    csv_path, shapes = _captions_and_shapes(spec, "*.csv", lambda f: f / "shapes" if (f / "shapes").is_dir() else f,
+                                            "Cap3D / Hunyuan3D")
     index, kind = _shape_index(shapes, layout)
     captions = load_dataset("csv", data_files=str(csv_path), column_names=["uid", "caption"], split="train",
                             keep_default_na=False, streaming=streaming,
@@ -549,22 +551,7 @@ def _t500k(folder, validate, streaming, num_proc):
 
 
 def _pointllm(spec, validate, streaming, num_proc):
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"captions", "shapes"}
-        if unknown:
-            raise ValueError(f"Unknown PointLLM spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        jsonl, points_dir = Path(spec["captions"]), Path(spec["shapes"])
-    else:
-        folder = Path(spec)
-        candidates = sorted(folder.glob("*.jsonl"))
-        if len(candidates) != 1:
-            raise ValueError(f"A PointLLM folder must hold exactly one *.jsonl next to 8192_npy/; {folder} has "
-                             f"{len(candidates)}. Pass {{'captions': JSONL, 'shapes': DIR}} instead.")
-        jsonl, points_dir = candidates[0], folder / "8192_npy"
-    if not jsonl.is_file():
-        raise ValueError(f"PointLLM conversation file {jsonl} does not exist.")
-    if not points_dir.is_dir():
-        raise ValueError(f"PointLLM point-cloud folder {points_dir} does not exist.")
+    jsonl, points_dir = _captions_and_shapes(spec, "*.jsonl", lambda f: f / "8192_npy", "PointLLM")
     records = _known_features(load_dataset("json", data_files=str(jsonl), split="train", streaming=streaming))
     missing = [name for name in ("object_id", "conversations") if name not in records.column_names]
     if missing:
@@ -615,33 +602,31 @@ def _mesh_source(mesh: dict):
     return mesh["path"]
 
 
-def example_surface(example: dict, num_points: int, num_sharp_points: int = 0, seed: int = 0) -> torch.Tensor:
-    """The `(num_points + num_sharp_points, 7)` VAE input of one example (xyz, normal, sharp flag).
+def example_surface(example: dict, vae_config, seed: int = 0, num_points: int | None = None,
+                    num_sharp_points: int | None = None) -> torch.Tensor:
+    """The `(P, 7)` VAE input of one example (xyz, normal, sharp flag), with the VAE config's counts (`pc_size`
+    uniform + `pc_sharpedge_size` sharp, unless `num_points` / `num_sharp_points` override them).
 
-    `mesh`: normalised into the VAE cube, then sampled. `points`: drawn from the cloud. `surface` / `surface_file`
-    (t500k, Hunyuan3D-2.1): drawn from the stored surface samples as they are (the official loader normalises
-    nothing; `cgmllm.training.official_data`).
+    `mesh` / `points`: drawn by `mesh_utils.sample_vae_surface`, exactly as mesh captioning draws them (a mesh is
+    normalised into the VAE cube first). `surface` / `surface_file` (t500k, Hunyuan3D-2.1): drawn from the stored
+    surface samples as they are (the official loader normalises nothing; `cgmllm.training.official_data`).
     """
-    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_surface
+    from cgmllm.mesh_utils import sample_vae_surface, vae_surface_sizes
 
-    total = num_points + num_sharp_points
     if example.get("surface") is not None or example.get("surface_file") is not None:
+        uniform, sharp = vae_surface_sizes(vae_config, num_points, num_sharp_points)
         source = example.get("surface")
         arrays = read_surface_npz(bytes(source) if source is not None else example["surface_file"])
-        return torch.from_numpy(surface_points(arrays, num_points, num_sharp_points, seed, example.get("uid")))
+        return torch.from_numpy(surface_points(arrays, uniform, sharp, seed, example.get("uid")))
     if example.get("points") is not None:
-        points = torch.as_tensor(np.asarray(example["points"], dtype=np.float32))
-        if points.shape[1] == 6:
-            points = torch.cat([points, torch.zeros(points.shape[0], 1)], dim=1)
-        generator = torch.Generator().manual_seed(seed)
-        return points[torch.randint(0, points.shape[0], (total,), generator=generator)]
-    if example.get("point_cloud") is not None:
+        source = np.asarray(example["points"], dtype=np.float32)
+    elif example.get("point_cloud") is not None:
         raise ValueError(f"Sample {example.get('uid')!r} holds a PointBERT cloud (xyz + rgb, `point_cloud`), not a "
                          "surface with normals: it cannot be encoded by the ShapeVAE.")
-    mesh = example["mesh"]
-    source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
-    mesh = normalize_mesh(load_mesh(source))[0]
-    return torch.from_numpy(sample_surface(mesh, num_points, num_sharp_points, seed=seed))
+    else:
+        mesh = example["mesh"]
+        source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
+    return sample_vae_surface(source, vae_config, seed=seed, num_points=num_points, num_sharp_points=num_sharp_points)
 
 
 __all__ = ["LAYOUTS", "SHAPE_COLUMNS", "detect_layout", "example_surface", "load_caption_dataset", "load_points"]
