@@ -61,20 +61,24 @@ def register_auto_classes() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from .configuration_cgmllm import CGMLLMConfig
-    from .modeling_cgmllm import CGMLLMForConditionalGeneration
+    from .modeling_cgmllm import CGMLLMForConditionalGeneration, CGMLLMModel
     from .modeling_pointbert import PointBERTConfig, PointBERTEncoder
     from .processing_cgmllm import CGMLLMProcessor
 
+    # As transformers maps Qwen3-VL: `AutoModel` -> the base model (no heads), `AutoModelForImageTextToText` -> the
+    # model with its heads (text and velocity), which is what generation and the pipeline use.
     AutoConfig.register(CGMLLMConfig.model_type, CGMLLMConfig, exist_ok=True)
-    AutoModel.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
+    AutoModel.register(CGMLLMConfig, CGMLLMModel, exist_ok=True)
     AutoModelForImageTextToText.register(CGMLLMConfig, CGMLLMForConditionalGeneration, exist_ok=True)
     AutoProcessor.register(CGMLLMConfig, CGMLLMProcessor, exist_ok=True)
     AutoConfig.register(PointBERTConfig.model_type, PointBERTConfig, exist_ok=True)
     AutoModel.register(PointBERTConfig, PointBERTEncoder, exist_ok=True)
-    # `save_pretrained` copies the modeling files next to the weights and writes `auto_map`, so checkpoints load
-    # with `trust_remote_code=True` where this package is not installed.
+    # `save_pretrained` copies the modeling files next to the weights and writes `auto_map` (both CG-MLLM model
+    # classes, see `CGMLLMPreTrainedModel.save_pretrained`), so checkpoints load with `trust_remote_code=True` where
+    # this package is not installed.
     CGMLLMConfig.register_for_auto_class("AutoConfig")
-    CGMLLMForConditionalGeneration.register_for_auto_class("AutoModel")
+    CGMLLMModel.register_for_auto_class("AutoModel")
+    CGMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     CGMLLMProcessor.register_for_auto_class("AutoProcessor")
     PointBERTConfig.register_for_auto_class("AutoConfig")
     PointBERTEncoder.register_for_auto_class("AutoModel")

@@ -391,6 +391,34 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
     _can_compile_fullgraph = False
     _can_record_outputs = {}
 
+    # Remote-code classes per Auto class, as transformers maps Qwen3-VL (`AutoModel` = the base model).
+    _AUTO_MAP = {
+        "AutoModel": "modeling_cgmllm.CGMLLMModel",
+        "AutoModelForImageTextToText": "modeling_cgmllm.CGMLLMForConditionalGeneration",
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a local folder without `config.json` (unless a `config` is
+        passed): transformers would otherwise build the default configuration, a 2B-shaped model of about 22 GB,
+        before it finds that the weights do not fit."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            raise OSError(
+                f"{folder} has no config.json: it is not a saved CG-MLLM model folder. Pass the folder written by "
+                "`save_pretrained` (in a pipeline folder, its `model/` subfolder), or pass `config=`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
+        # `register_for_auto_class` writes only the saved class's entry; a checkpoint of either class loads as both.
+        if isinstance(self.config, CGMLLMConfig):
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._AUTO_MAP}
+        # `variant` is named in the signature: a diffusers pipeline passes it only to components that declare it.
+        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, CGMLLMForConditionalGeneration):
@@ -1297,29 +1325,6 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         else:
             return text_positions
         return torch.cat([text_positions.reshape(1, *rope.shape[1:]), rope], dim=0)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a local folder without `config.json` (unless a `config` is
-        passed): transformers would otherwise build the default configuration, a 2B-shaped model of about 22 GB,
-        before it finds that the weights do not fit."""
-        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(
-            os.path.join(folder, "config.json")
-        ):
-            raise OSError(
-                f"{folder} has no config.json: it is not a saved CG-MLLM model folder. Pass the folder written by "
-                "`save_pretrained` (in a pipeline folder, its `model/` subfolder), or pass `config=`."
-            )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
-        # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", "modeling_cgmllm.CGMLLMForConditionalGeneration")
-        self.config.auto_map = auto_map
-        # `variant` is named in the signature: a diffusers pipeline passes it only to components that declare it.
-        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Builders

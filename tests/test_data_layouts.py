@@ -77,7 +77,8 @@ def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_pa
     assert ds[1]["captions"] == ["object number 1", "thing 1"] and ds[1]["images"][1].size == (24, 16)
 
     uid = ds[1]["uid"]
-    surface = example_surface(ds[1], 200, 0, seed=3).numpy()
+    pools = {"pc_size": 200, "pc_sharpedge_size": 0}
+    surface = example_surface(ds[1], pools, seed=3).numpy()
     stored = arrays[uid]["random_surface"].astype(np.float32)
     assert surface.shape == (200, 7) and (surface[:, 6] == 0).all()
     # Drawn without replacement from `random_surface`, xyz untouched (no re-normalisation), normals made unit length.
@@ -86,7 +87,7 @@ def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_pa
     np.testing.assert_allclose(np.linalg.norm(surface[:, 3:6], axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(surface[:, 3:6] * np.linalg.norm(stored[rows, 3:6], axis=1, keepdims=True),
                                stored[rows, 3:6], rtol=1e-5, atol=1e-6)
-    assert np.array_equal(example_surface(ds[1], 200, 0, seed=3), example_surface(ds[1], 200, 0, seed=3))
+    assert np.array_equal(example_surface(ds[1], pools, seed=3), example_surface(ds[1], pools, seed=3))
 
 
 def test_t500k_sketchfab_without_captions_serves_image_to_shape_only(tmp_path, processor):
@@ -171,7 +172,7 @@ def test_hunyuan3d_surfaces_fill_the_uniform_and_sharp_pools(tmp_path):
     arrays = write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
     ds = load_caption_dataset(tmp_path)
     assert ds.column_names == ["uid", "caption", "surface_file"] and ds["caption"][1] == "a shape called b2"
-    surface = example_surface(ds[0], 64, 32, seed=0).numpy()
+    surface = example_surface(ds[0], {"pc_size": 64, "pc_sharpedge_size": 32}, seed=0).numpy()
     assert surface.shape == (96, 7)
     assert (surface[:64, 6] == 0).all() and (surface[64:, 6] == 1).all()
     stored = {key: value.astype(np.float32) for key, value in arrays["a1"].items()}
@@ -246,7 +247,7 @@ def test_pointllm_clouds_are_normalised_for_pointbert(tmp_path):
     assert [r["uid"] for r in rows] == ds["uid"]
     np.testing.assert_array_equal(np.asarray(rows[0]["point_cloud"]), cloud)
     with pytest.raises(ValueError, match="PointBERT cloud"):
-        example_surface(ds[0], 16)
+        example_surface(ds[0], {"pc_size": 16, "pc_sharpedge_size": 0})
     with pytest.raises(ValueError, match="PointBERT clouds .* nothing to encode"):
         encode_dataset(ds, tiny_vae(), 4)
 

@@ -390,6 +390,7 @@ def run_stages(config: dict, resume=None):
             processor, n, task_weights=stage.task_weights or config.get("tasks") or
             {"text_to_shape": 1.0, "shape_caption": 1.0}, condition_dropout=stage.condition_dropout,
             max_tokens=stage.max_tokens, seed=seed, point_encoder=point_encoder,
+            shape_block_size=model.config.shape_block_size,
         )
         training = dict(config.get("training") or {})
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

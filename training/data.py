@@ -602,33 +602,31 @@ def _mesh_source(mesh: dict):
     return mesh["path"]
 
 
-def example_surface(example: dict, num_points: int, num_sharp_points: int = 0, seed: int = 0) -> torch.Tensor:
-    """The `(num_points + num_sharp_points, 7)` VAE input of one example (xyz, normal, sharp flag).
+def example_surface(example: dict, vae_config, seed: int = 0, num_points: int | None = None,
+                    num_sharp_points: int | None = None) -> torch.Tensor:
+    """The `(P, 7)` VAE input of one example (xyz, normal, sharp flag), with the VAE config's counts (`pc_size`
+    uniform + `pc_sharpedge_size` sharp, unless `num_points` / `num_sharp_points` override them).
 
-    `mesh`: normalised into the VAE cube, then sampled. `points`: drawn from the cloud. `surface` / `surface_file`
-    (t500k, Hunyuan3D-2.1): drawn from the stored surface samples as they are (the official loader normalises
-    nothing; `cgmllm.training.official_data`).
+    `mesh` / `points`: drawn by `mesh_utils.sample_vae_surface`, exactly as mesh captioning draws them (a mesh is
+    normalised into the VAE cube first). `surface` / `surface_file` (t500k, Hunyuan3D-2.1): drawn from the stored
+    surface samples as they are (the official loader normalises nothing; `cgmllm.training.official_data`).
     """
-    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_surface
+    from cgmllm.mesh_utils import sample_vae_surface, vae_surface_sizes
 
-    total = num_points + num_sharp_points
     if example.get("surface") is not None or example.get("surface_file") is not None:
+        uniform, sharp = vae_surface_sizes(vae_config, num_points, num_sharp_points)
         source = example.get("surface")
         arrays = read_surface_npz(bytes(source) if source is not None else example["surface_file"])
-        return torch.from_numpy(surface_points(arrays, num_points, num_sharp_points, seed, example.get("uid")))
+        return torch.from_numpy(surface_points(arrays, uniform, sharp, seed, example.get("uid")))
     if example.get("points") is not None:
-        points = torch.as_tensor(np.asarray(example["points"], dtype=np.float32))
-        if points.shape[1] == 6:
-            points = torch.cat([points, torch.zeros(points.shape[0], 1)], dim=1)
-        generator = torch.Generator().manual_seed(seed)
-        return points[torch.randint(0, points.shape[0], (total,), generator=generator)]
-    if example.get("point_cloud") is not None:
+        source = np.asarray(example["points"], dtype=np.float32)
+    elif example.get("point_cloud") is not None:
         raise ValueError(f"Sample {example.get('uid')!r} holds a PointBERT cloud (xyz + rgb, `point_cloud`), not a "
                          "surface with normals: it cannot be encoded by the ShapeVAE.")
-    mesh = example["mesh"]
-    source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
-    mesh = normalize_mesh(load_mesh(source))[0]
-    return torch.from_numpy(sample_surface(mesh, num_points, num_sharp_points, seed=seed))
+    else:
+        mesh = example["mesh"]
+        source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
+    return sample_vae_surface(source, vae_config, seed=seed, num_points=num_points, num_sharp_points=num_sharp_points)
 
 
 __all__ = ["LAYOUTS", "SHAPE_COLUMNS", "detect_layout", "example_surface", "load_caption_dataset", "load_points"]

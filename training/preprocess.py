@@ -57,16 +57,16 @@ def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num
     """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption` (and `captions`
     paraphrases, `question`, the `image` / `images` views when the data set has them) and the latent column(s).
 
-    Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
-    uses seed `seed + i`, so the cache is reproducible. An `IterableDataset` (streaming) is encoded as it is iterated.
+    Surfaces are drawn by `mesh_utils.sample_vae_surface` with the VAE's own pool sizes (`pc_size` uniform +
+    `pc_sharpedge_size` sharp points, unless `num_points` / `num_sharp_points` override them), the draw mesh
+    captioning uses too. Sample `i` uses seed `seed + i`, so the cache is reproducible. An `IterableDataset`
+    (streaming) is encoded as it is iterated.
     """
     if "point_cloud" in dataset.column_names:
         raise ValueError("This data set holds PointBERT clouds (`point_cloud`: xyz + rgb, PointLLM's caption set), not "
                          "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT "
                          "captioning path directly, without a latent cache.")
     sizes = [num_latents] if isinstance(num_latents, int) else list(num_latents)
-    num_points = vae.config.pc_size if num_points is None else num_points
-    num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points
     channels = vae.config.embed_dim
     text_columns = {"uid": Value("string"), "caption": Value("string")}
     if PARAPHRASE_COLUMN in dataset.column_names:
@@ -85,7 +85,8 @@ def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num
     def encode(batch, indices):
         examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
         surfaces = torch.stack([
-            example_surface(example, num_points, num_sharp_points, seed=seed + index)
+            example_surface(example, vae.config, seed=seed + index, num_points=num_points,
+                            num_sharp_points=num_sharp_points)
             for example, index in zip(examples, indices)
         ])
         # Nothing non-finite enters the cache: one NaN latent turns every weight NaN within a step or two.

@@ -510,8 +510,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             guidance_renorm: official global renorm of the guided velocity.
             num_shape_tokens: latent rows N per object, in `[1, model.config.num_shape_tokens]`; defaults to
                 `model.config.num_shape_tokens`.
-            shape_block_size: rows K per block; must divide N. None or N: the whole object in one block (official).
-                K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
+            shape_block_size: rows K per block; must divide N. None: `model.config.shape_block_size`, the block size
+                the model was trained with, or the whole object in one block when that is None (official). K = N: one
+                block. K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
                 through the KV cache; K = 1 is token-by-token generation.
             num_meshes_per_prompt: objects per prompt / image.
             num_images_per_prompt: the name diffusers' pipelines (Shap-E included) and their tooling use for the
@@ -541,7 +542,17 @@ class CGMLLMPipeline(DiffusionPipeline):
                 )
             num_meshes_per_prompt = num_images_per_prompt
         num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
-        shape_block_size = num_shape_tokens if shape_block_size is None else shape_block_size
+        if shape_block_size is None:
+            # The block size the model was trained with; the whole object in one block when it has none (official).
+            trained_block_size = getattr(self.model.config, "shape_block_size", None)
+            divides = not isinstance(num_shape_tokens, int) or num_shape_tokens % (trained_block_size or 1) == 0
+            if not divides:
+                raise ValueError(
+                    f"The model generates in blocks of model.config.shape_block_size={trained_block_size} rows, which "
+                    f"does not divide num_shape_tokens={num_shape_tokens}; pass a multiple of {trained_block_size} or "
+                    "an explicit `shape_block_size`."
+                )
+            shape_block_size = trained_block_size or num_shape_tokens
         if callback_on_step_end is not None and hasattr(callback_on_step_end, "tensor_inputs"):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -644,13 +655,15 @@ class CGMLLMPipeline(DiffusionPipeline):
     # Captioning
     # ------------------------------------------------------------------------------------------------------------
     def encode_mesh(self, mesh, num_shape_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`:
-        surface sampling, then `vae.encode(...).mode()` (the same latents the training cache holds)."""
+        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`.
+
+        The surface is drawn as the training latent cache draws it (`processor.prepare_surfaces` with the VAE config:
+        `pc_size` uniform + `pc_sharpedge_size` sharp points), then encoded with `vae.encode(...).mode()` (the
+        cache holds posterior samples of the same distribution)."""
         num_shape_tokens = num_shape_tokens or self.max_shape_tokens
         meshes = self._as_list(mesh)
-        num_points = num_shape_tokens * self.vae.config.downsample_ratio
         try:
-            surfaces = self.processor.prepare_surfaces(meshes, num_points=num_points, seed=seed)
+            surfaces = self.processor.prepare_surfaces(meshes, self.vae.config, seed=seed)
         except ValueError:
             raise
         except Exception as error:  # trimesh / IO errors of unreadable files
@@ -765,7 +778,7 @@ class CGMLLMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
     # ------------------------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Save the components and make the folder loadable without the `cgmllm` package:
 
         * `model_index.json` names the pipeline `["pipeline_cgmllm", "CGMLLMPipeline"]` and each custom component
@@ -774,8 +787,14 @@ class CGMLLMPipeline(DiffusionPipeline):
 
         `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` then works anywhere, and
         `CGMLLMPipeline.from_pretrained(path)` uses the installed classes.
+
+        With `push_to_hub=True` (and diffusers' `repo_id`, `token`, `private`, `create_pr`, `commit_message`) the
+        folder is uploaded once every file above is written, with a model card (`README.md`, from
+        `cgmllm.training.hub` when the folder has none) whose licence follows the VAE weights it holds.
         """
-        super().save_pretrained(save_directory, **kwargs)
+        push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "create_pr", "commit_message")
+                if key in kwargs}
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         root = Path(save_directory)
         shutil.copyfile(__file__, root / "pipeline_cgmllm.py")
         vae_source = Path(sys.modules[type(self.vae).__module__].__file__)
@@ -805,6 +824,26 @@ class CGMLLMPipeline(DiffusionPipeline):
                     f"Saving {component}: {module_file}.py was not written to {root / component}; the folder would not "
                     "load as remote code."
                 )
+        if push_to_hub:
+            self._push_saved_folder(root, **push)
+
+    @staticmethod
+    def _push_saved_folder(root: Path, repo_id: str | None = None, token=None, private: bool | None = None,
+                           create_pr: bool = False, commit_message: str | None = None) -> str:
+        """Upload a folder written by `save_pretrained` (all files in place); returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id or root.name, private=private, exist_ok=True).repo_id
+        if not (root / "README.md").is_file():
+            try:  # by name: an import statement would make diffusers ask remote-code users to install the package
+                render_model_card = importlib.import_module("cgmllm.training.hub").render_model_card
+            except ImportError:  # remote-code copy without the package: no card template at hand
+                logger.warning(f"No README.md in {root}: the Hub repo {repo_id} gets no model card.")
+            else:
+                render_model_card(repo_id, folder=root).save(root / "README.md")
+        return api.upload_folder(repo_id=repo_id, folder_path=str(root), create_pr=create_pr,
+                                 commit_message=commit_message or "Upload CG-MLLM pipeline")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -826,6 +865,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         Any other keyword (`device_map`, `quantization_config`, ...) hands the whole load to
         `DiffusionPipeline.from_pretrained`, which then builds the components from the folder's own code files
         (`trust_remote_code=True`).
+
+        A Hub repo id is first downloaded with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
+        `force_download`, `local_files_only`), then loaded the same way: with the package installed no remote code
+        runs, so `trust_remote_code` is not needed. Without the package, `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)` runs the code shipped in the folder.
         """
         path = Path(pretrained_model_name_or_path)
         try:
@@ -837,6 +881,12 @@ class CGMLLMPipeline(DiffusionPipeline):
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         unhandled = set(kwargs) - set(_LOCAL_LOAD_KWARGS) - set(_REMOTE_COMPONENTS) - {"scheduler"}
+        if not path.exists() and not unhandled:
+            # A Hub repo id: download it, then build it from the installed classes like a local folder.
+            download = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "force_download",
+                                                     "local_files_only") if key in kwargs}
+            hub = importlib.import_module("huggingface_hub")
+            path = Path(hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
         if not (path / "model_index.json").is_file() or unhandled:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor

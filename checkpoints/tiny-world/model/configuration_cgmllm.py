@@ -27,7 +27,9 @@ class CGMLLMConfig(Qwen3VLConfig):
             Default number of latent rows per object (the VAE's `num_latents`; the curriculum uses 512 ... 4096).
         shape_block_size (`int`, *optional*):
             Latent rows per generation block. `None` puts the whole object in one block (the released model).
-            A smaller value generates an object as `num_shape_tokens // shape_block_size` sequential blocks.
+            A smaller value generates an object as `num_shape_tokens // shape_block_size` sequential blocks: the
+            training collator lays generation targets out block-wise with it (`cgmllm-train` passes it on) and
+            `CGMLLMPipeline` samples block by block with it unless told otherwise.
         timestep_embedding_dim (`int`, defaults to 256):
             Size of the sinusoidal features fed to the timestep MLP.
         timestep_shift (`float`, defaults to 1.0):

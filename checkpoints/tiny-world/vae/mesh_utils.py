@@ -365,6 +365,74 @@ def sample_surface(
     return np.concatenate(rows, axis=0).astype(np.float32)
 
 
+def vae_surface_sizes(
+    vae_config, num_points: int | None = None, num_sharp_points: int | None = None
+) -> tuple[int, int]:
+    """`(uniform, sharp)` surface point counts of a ShapeVAE input: the config's `pc_size` and `pc_sharpedge_size`
+    (a `ShapeVAE.config` or any mapping with those keys), unless given explicitly."""
+    def field(name):
+        value = vae_config.get(name) if hasattr(vae_config, "get") else getattr(vae_config, name, None)
+        if value is None:
+            raise ValueError(f"The VAE config has no `{name}`; it says how many surface points the encoder expects.")
+        return int(value)
+
+    uniform = field("pc_size") if num_points is None else int(num_points)
+    sharp = field("pc_sharpedge_size") if num_sharp_points is None else int(num_sharp_points)
+    if uniform < 0 or sharp < 0 or uniform + sharp == 0:
+        raise ValueError(
+            f"Surface point counts must be >= 0 with a positive total, got {uniform} uniform + {sharp} sharp."
+        )
+    return uniform, sharp
+
+
+def sample_vae_surface(
+    source: MeshSource | np.ndarray | torch.Tensor,
+    vae_config,
+    seed: int = 0,
+    num_points: int | None = None,
+    num_sharp_points: int | None = None,
+) -> torch.Tensor:
+    """The ShapeVAE input of one shape, drawn as the VAE config says. The training latent cache and mesh captioning
+    both call this, so the encoder sees at inference exactly the kind of cloud it was given in training.
+
+    Args:
+        source: a mesh (path, bytes, file object, `trimesh.Trimesh`), loaded and `normalize_mesh`-ed, then sampled
+            with `sample_surface`; or a point cloud already in the VAE cube, `(P, 6)` (xyz + normal, all uniform) or
+            `(P, 7)` (+ sharp flag), whose uniform and sharp rows are resampled into their own pools.
+        vae_config: `ShapeVAE.config` (or a mapping) giving `pc_size` uniform and `pc_sharpedge_size` sharp points.
+            Hunyuan3D-2.1's release has `pc_sharpedge_size = 0`: uniform points only.
+        seed: the draw is deterministic given it.
+        num_points / num_sharp_points: override the config's counts.
+
+    Returns:
+        float32 `(pc_size + pc_sharpedge_size, 7)`: `[x, y, z, nx, ny, nz, sharp]`, uniform rows first (the
+        encoder takes the last `pc_sharpedge_size` rows as the sharp pool).
+    """
+    uniform, sharp = vae_surface_sizes(vae_config, num_points, num_sharp_points)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        cloud = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float32)
+        if cloud.ndim != 2 or cloud.shape[1] not in (6, 7) or len(cloud) == 0:
+            raise ValueError(
+                f"A point cloud must have shape (P, 6) or (P, 7) (xyz + normal [+ sharp flag]) with P > 0, got "
+                f"{cloud.shape}."
+            )
+        if cloud.shape[1] == 6:
+            cloud = np.concatenate([cloud, np.zeros((len(cloud), 1), np.float32)], axis=1)
+        rng = _rng(seed)
+        is_sharp = cloud[:, 6] > 0.5
+        # A pool with no rows of its kind borrows the other kind's rows (as `sample_surface` does for a mesh
+        # without sharp edges); borrowed rows keep their own flag.
+        uniform_rows = cloud[~is_sharp] if (~is_sharp).any() else cloud
+        sharp_rows = cloud[is_sharp] if is_sharp.any() else cloud
+        pools = []
+        for rows, count in ((uniform_rows, uniform), (sharp_rows, sharp)):
+            if count > 0:
+                pools.append(rows[rng.choice(len(rows), size=count, replace=len(rows) < count)])
+        return torch.from_numpy(np.concatenate(pools, axis=0))
+    mesh = normalize_mesh(load_mesh(source))[0]
+    return torch.from_numpy(sample_surface(mesh, uniform, sharp, seed=seed))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inside / outside: generalised winding number
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,9 +720,11 @@ __all__ = [
     "sample_sharp_edges",
     "sample_surface",
     "sample_uniform_surface",
+    "sample_vae_surface",
     "sharp_edges",
     "simplify_mesh",
     "single_threaded_torch",
+    "vae_surface_sizes",
     "validate_mesh",
     "winding_number",
 ]
