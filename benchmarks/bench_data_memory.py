@@ -130,7 +130,8 @@ def main(argv=None) -> None:
     if not (data / "captions.csv").is_file():
         start = time.perf_counter()
         write_cap3d_set(data, args.num_clouds, args.num_points)
-        print(f"wrote {args.num_clouds} clouds of ({args.num_points}, 6) float32 in {time.perf_counter() - start:.0f} s")
+        seconds = time.perf_counter() - start
+        print(f"wrote {args.num_clouds} clouds of ({args.num_points}, 6) float32 in {seconds:.0f} s")
     raw_mib = args.num_clouds * args.num_points * 6 * 4 / 2**20
     print(f"set: {args.num_clouds} clouds x ({args.num_points}, 6) float32 = {raw_mib:.1f} MiB of point data; "
           f"num_proc={args.num_proc}; {os.cpu_count()} CPUs\n")

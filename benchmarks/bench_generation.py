@@ -1,10 +1,19 @@
 """Wall time and peak memory of CG-MLLM shape generation: whole-object block vs token-by-token vs no KV cache.
 
-Three samplers of the same flow (S Euler steps, batched CFG, same prompt):
+Four samplers of the same flow (S Euler steps, CFG, same prompt):
 
-* ``block``    whole object in one block (K = N): prefill once, S passes of N + 2 rows against the read-only cache;
-* ``token``    token by token (K = 1): N sequential blocks of one row, S passes each, plus one cache write per row;
-* ``nocache``  whole object, but every step recomputes the full sequence [prompt, block] (no KV cache).
+* ``block``     whole object in one block (K = N): prefill once, S passes of N + 2 rows against the read-only
+                cache, both CFG branches in one batch (the conditional rows alone outside the guidance interval);
+* ``token``     token by token (K = 1): N sequential blocks of one row, S passes each, plus one cache write per row;
+* ``nocache``   whole object, but every step recomputes the full sequence [prompt, block] (no KV cache), both
+                branches in one batch;
+* ``official``  the official sampler's structure without its cache: every step runs the conditional sequence
+                [prompt, block] and the unconditional one [block] as two separate passes (the unconditional pass
+                only inside the guidance interval).
+
+The condition is the text prompt, or with ``--image-tokens T ...`` also a random image of T image tokens per case
+(image -> 3D): long contexts are where the KV cache pays, since a step without it recomputes the whole prompt
+(vision tower included). The table prints every sampler's time as a ratio to ``block`` in the same run.
 
 Every (N, sampler) runs in a fresh worker process so that peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the growth of the process' peak resident set (``VmHWM``) over its
@@ -12,6 +21,7 @@ resident set just before sampling. Without ``--pipeline`` a small random model i
 measures the sampler structure, not the 2B model.
 
     python benchmarks/bench_generation.py                       # N = 64 128 256 on the small random model
+    python benchmarks/bench_generation.py --sizes 256 --image-tokens 256 1024   # + image prompts
     python benchmarks/bench_generation.py --sizes 512 1024 4096 --pipeline /path/to/saved/pipeline --device cuda
 """
 
@@ -26,7 +36,8 @@ import time
 import torch
 
 
-SAMPLERS = ("block", "token", "nocache")
+SAMPLERS = ("block", "token", "nocache", "official")
+GUIDANCE_INTERVAL = (0.4, 1.0)  # the pipeline's default, used by the uncached samplers too
 
 
 def build_small_pipeline(max_shape_tokens: int, hidden_size: int, layers: int):
@@ -66,23 +77,58 @@ def build_small_pipeline(max_shape_tokens: int, hidden_size: int, layers: int):
                           processor=processor)
 
 
+def random_image(num_image_tokens: int, pipe):
+    """A random RGB image whose processed grid gives `num_image_tokens` tokens (a square of patches)."""
+    import numpy as np
+    from PIL import Image
+
+    side = int(round(num_image_tokens**0.5))
+    if side * side != num_image_tokens:
+        raise SystemExit(f"--image-tokens {num_image_tokens}: use a square number (256, 1024, ...).")
+    image_processor = pipe.processor.image_processor
+    pixels = side * image_processor.patch_size * image_processor.merge_size
+    array = np.random.default_rng(0).integers(0, 256, (pixels, pixels, 3), dtype=np.uint8)
+    return Image.fromarray(array)
+
+
 @torch.no_grad()
-def sample_without_cache(pipe, prompt, num_shape_tokens, steps, guidance_scale, generator):
-    """Whole-object sampling that recomputes [context, block] at every step (both CFG branches in one batch)."""
+def sample_without_cache(pipe, condition, num_shape_tokens, steps, guidance_scale, generator, separate=False):
+    """Whole-object sampling that recomputes [context, block] at every step: both CFG branches in one batch, or
+    (`separate=True`, the official structure) one pass per branch."""
     processor, model, device = pipe.processor, pipe.model, pipe._execution_device
-    texts = [processor.text_to_shape_prompt(prompt) + "<shape>", "<shape>"]
-    inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
+    image = condition.get("image")
+    cond_text = (processor.image_to_shape_prompt() if image is not None
+                 else processor.text_to_shape_prompt(condition["prompt"])) + "<shape>"
+    images = [image] if image is not None else None
+
+    def encode(texts, with_images):
+        return processor(text=texts, images=images if with_images else None, num_shape_tokens=num_shape_tokens,
+                         padding_side="left").to(device)
+
+    if separate:
+        branches = [encode([cond_text], True), encode(["<shape>"], False)]
+    else:
+        branches = [encode([cond_text, "<shape>"], True)]
     x = pipe.prepare_latents(1, num_shape_tokens, torch.float32, device, generator)
     pipe.scheduler.set_timesteps(steps, device=device)
-    position_ids = None
+    position_ids = [None] * len(branches)
     for i, t in enumerate(pipe.scheduler.timesteps):
         sigma = float(pipe.scheduler.sigmas[i])
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
-                    shape_latents=x.repeat(2, 1, 1).reshape(-1, x.shape[-1]),
-                    shape_timesteps=torch.full((2 * num_shape_tokens,), sigma, device=device), logits_to_keep=1)
-        position_ids = out.position_ids  # the rope ids do not change between steps
-        v_cond, v_uncond = out.velocity.view(2, num_shape_tokens, -1).chunk(2)
-        v = pipe.apply_guidance(v_cond, v_uncond, guidance_scale, True) if 0.4 < sigma <= 1.0 else v_cond
+        guided = GUIDANCE_INTERVAL[0] < sigma <= GUIDANCE_INTERVAL[1]
+        velocities = []
+        for b, inputs in enumerate(branches):
+            if separate and b == 1 and not guided:
+                continue
+            rows = inputs["input_ids"].shape[0]
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                        position_ids=position_ids[b], shape_latents=x.repeat(rows, 1, 1).reshape(-1, x.shape[-1]),
+                        shape_timesteps=torch.full((1,), sigma, device=device), logits_to_keep=1)
+            position_ids[b] = out.position_ids  # the rope ids do not change between steps
+            velocities.append(out.velocity.view(rows, num_shape_tokens, -1))
+        velocity = torch.cat(velocities)
+        v_cond = velocity[:1]
+        v = pipe.apply_guidance(v_cond, velocity[1:2], guidance_scale, True) if guided else v_cond
         x = pipe.scheduler.step(v, t, x, return_dict=False)[0]
     return x
 
@@ -107,14 +153,18 @@ def worker(args) -> dict:
     pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     n = args.worker_size
+    tokens = args.worker_image_tokens
+    condition = {"prompt": args.prompt} if not tokens else {"image": random_image(tokens, pipe)}
 
     def run(steps):
         generator = torch.Generator().manual_seed(0)
-        if args.worker_sampler == "nocache":
-            return sample_without_cache(pipe, args.prompt, n, steps, args.guidance_scale, generator)
+        if args.worker_sampler in ("nocache", "official"):
+            return sample_without_cache(pipe, condition, n, steps, args.guidance_scale, generator,
+                                        separate=args.worker_sampler == "official")
         block = n if args.worker_sampler == "block" else 1
-        return pipe(args.prompt, num_inference_steps=steps, guidance_scale=args.guidance_scale, num_shape_tokens=n,
-                    shape_block_size=block, generator=generator, output_type="latent").latents
+        return pipe(**condition, num_inference_steps=steps, guidance_scale=args.guidance_scale, num_shape_tokens=n,
+                    shape_block_size=block, generator=generator, output_type="latent",
+                    guidance_interval=GUIDANCE_INTERVAL).latents
 
     run(1) if args.worker_sampler != "token" else None  # warm-up (token-by-token is long enough on its own)
     cuda = args.device.startswith("cuda")
@@ -148,38 +198,49 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--image-tokens", type=int, nargs="*", default=[],
+                        help="also measure image prompts of these many image tokens (square numbers, e.g. 256 1024)")
+    parser.add_argument("--no-text", action="store_true", help="skip the text-prompt case")
     parser.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-sampler", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-image-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker_size is not None:
         print(json.dumps(worker(args)))
         return
 
+    contexts = ([] if args.no_text else [0]) + list(args.image_tokens)  # 0 = the text prompt
     results = {}
-    for n in args.sizes:
-        for sampler in args.samplers:
-            command = [sys.executable, __file__, *sys.argv[1:], "--worker-size", str(n), "--worker-sampler", sampler]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"worker N={n} {sampler} failed:\n{done.stderr[-3000:]}")
-            results[n, sampler] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"  N={n:5d} {sampler:8s} {results[n, sampler]['seconds']:8.2f} s", file=sys.stderr)
+    for context in contexts:
+        for n in args.sizes:
+            for sampler in args.samplers:
+                command = [sys.executable, __file__, *sys.argv[1:], "--worker-size", str(n), "--worker-sampler",
+                           sampler, "--worker-image-tokens", str(context)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"worker N={n} {sampler} context {context} failed:\n{done.stderr[-3000:]}")
+                results[context, n, sampler] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"  context {context:5d} N={n:5d} {sampler:8s} "
+                      f"{results[context, n, sampler]['seconds']:8.2f} s", file=sys.stderr)
 
     model = args.pipeline or f"small random model (hidden {args.hidden_size}, {args.layers} layers)"
-    print(f"\n{model}, device {args.device}, {args.steps} steps, CFG {args.guidance_scale} (batched), "
-          f"{args.threads} threads, best of {args.repeats}")
-    header = f"{'N':>6} | {'sampler':8} | {'time s':>8} | {'peak MiB':>9} | {'time / block':>12} | {'mem / block':>11}"
+    print(f"\n{model}, device {args.device}, {args.steps} steps, CFG {args.guidance_scale} in "
+          f"{GUIDANCE_INTERVAL}, {args.threads} threads, best of {args.repeats}")
+    header = (f"{'context':>14} | {'N':>5} | {'sampler':8} | {'time s':>8} | {'peak MiB':>9} | {'time / block':>12} | "
+              f"{'mem / block':>11}")
     print(header)
     print("-" * len(header))
-    for n in args.sizes:
-        ref = results.get((n, "block"))
-        for sampler in args.samplers:
-            r = results[n, sampler]
-            time_ratio = f"{r['seconds'] / ref['seconds']:.2f}x" if ref else "-"
-            mem_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref and ref["peak_mib"] > 0 else "-"
-            print(f"{n:6d} | {sampler:8} | {r['seconds']:8.2f} | {r['peak_mib']:9.1f} | {time_ratio:>12} | "
-                  f"{mem_ratio:>11}")
+    for context in contexts:
+        label = "text prompt" if context == 0 else f"image {context} tok"
+        for n in args.sizes:
+            ref = results.get((context, n, "block"))
+            for sampler in args.samplers:
+                r = results[context, n, sampler]
+                time_ratio = f"{r['seconds'] / ref['seconds']:.2f}x" if ref else "-"
+                mem_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}x" if ref and ref["peak_mib"] > 0 else "-"
+                print(f"{label:>14} | {n:5d} | {sampler:8} | {r['seconds']:8.2f} | {r['peak_mib']:9.1f} | "
+                      f"{time_ratio:>12} | {mem_ratio:>11}")
 
 
 if __name__ == "__main__":

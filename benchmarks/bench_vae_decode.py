@@ -102,6 +102,31 @@ def run(field, resolution: int, num_chunks: int, band: float | None) -> dict:
     return row
 
 
+def latent_kv_row(width: int, heads: int, num_latents: int, chunk: int, repeats: int) -> dict:
+    """Per field call at a given geometry-decoder size (random weights: the cost does not depend on them): the
+    latents' keys / values projected in every call (as before) vs once per object (`ShapeVAE.field_fn` now)."""
+    torch.manual_seed(0)
+    model = ShapeVAE(num_latents=num_latents, embed_dim=64, width=width, heads=heads, num_encoder_layers=1,
+                     num_decoder_layers=1, pc_size=num_latents, pc_sharpedge_size=0).eval()
+    features = torch.randn(1, num_latents, width)
+    xyz = torch.rand(chunk, 3) * 2 - 1
+    field = model.field_fn(features)
+    with torch.no_grad():
+        every_call = lambda: model.query(features, xyz[None])  # noqa: E731
+        once = lambda: field(xyz)  # noqa: E731
+        times = {}
+        for name, fn in (("every_call", every_call), ("once", once)):
+            fn()  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+        same = torch.equal(every_call()[0], field(xyz))
+    return {"width": width, "latents": num_latents, "chunk": chunk, **times, "same": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 384])
@@ -109,10 +134,21 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=300)
     parser.add_argument("--num-chunks", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--latent-kv", type=int, nargs="*", default=None, metavar="CHUNK",
+                        help="only time one field call of the released decoder size (width 1024, 16 heads, 4096 "
+                             "latents) for these chunk sizes: latents' keys / values per call vs once per object")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.num_chunks} points per field call")
+    if args.latent_kv is not None:
+        print("| width | latents | chunk | kv every call s | kv once s | speed-up | same values |")
+        print("|---|---|---|---|---|---|---|")
+        for chunk in args.latent_kv or [2000, 8000]:
+            r = latent_kv_row(1024, 16, 4096, chunk, repeats=2)
+            print(f"| {r['width']} | {r['latents']} | {r['chunk']} | {r['every_call']:.2f} | {r['once']:.2f} "
+                  f"| {r['every_call'] / r['once']:.2f}x | {r['same']} |")
+        return
 
     points = torch.rand(1, 81920, 3, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()

@@ -9,8 +9,10 @@
   through transformers' `CLIPModel` from a local folder: torchmetrics 1.9's `CLIPScore` only accepts a fixed list of
   Hub names and reads `get_image_features` as a tensor, which transformers 5 returns as a `ModelOutput`.
 * CLIP-IQA+ (`clipiqa+`, 0-1) and MUSIQ (`musiq`, KonIQ, ~0-100): pyiqa's metrics, the ones whose ranges match the
-  paper's table. pyiqa is an optional dependency (PolyForm Noncommercial licence; its weights download from the Hub
-  at first use unless `pretrained_model_path` points at a local file) and is imported only here.
+  paper's table. pyiqa is an optional dependency (PolyForm Noncommercial licence; its weights download at first use
+  unless they are in its cache folder or `pretrained_model_path` points at a local file), imported only here. It
+  needs a torchvision that imports with the installed torch; on a CPU-only torch from PyPI that is not available
+  from PyPI (its torchvision wheels are CUDA builds), so this wrapper has not been run where it was written.
 """
 
 from __future__ import annotations

@@ -1,17 +1,30 @@
 """The `cgmllm` command line.
 
     cgmllm demo        # a tiny random CG-MLLM learns one text + 3D batch on the CPU, then captions a 3D block
-    cgmllm render MESH -o preview.png [--size 256 --views 4]
+    cgmllm render MESH -o outputs/preview.png [--size 256 --views 4]
     cgmllm caption MESH_OR_IMAGE [--model DIR]
-    cgmllm generate "PROMPT" -o out.glb [--model DIR --steps --guidance-scale --seed --num-shape-tokens
-                                         --octree-resolution --mc-level]
+    cgmllm generate "PROMPT" -o outputs/out.glb [--model DIR --steps --guidance-scale --seed --num-shape-tokens
+                                                 --octree-resolution --mc-level]
     cgmllm app [--model DIR --port 7860 --share]        # the web demo (pip install "cg-mllm[app]")
     cgmllm export-space --out SPACE_DIR [--model DIR]   # a folder that runs as a Hugging Face Space
+    demo / render / caption / generate also take [--threads N] [--quiet]
+
+Start-up is cheap: this module imports only the standard library at the top, and each command imports what it
+uses after its arguments have been checked, so `--help` and argument errors answer in a fraction of a second.
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+
+
+# One set of generation defaults for the command line and the Python API (`CGMLLMPipeline.__call__` uses the same
+# values): 49 Euler steps (the official 50 timesteps), CFG 7.5, marching cubes on a 128^3 grid.
+DEFAULT_STEPS = 49
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_OCTREE_RESOLUTION = 128
 
 
 def _tiny_demo_model():
@@ -39,6 +52,9 @@ def _tiny_demo_model():
 
 
 def run_demo(args) -> int:
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}.")
+    _set_threads(args)
     import torch
 
     model = _tiny_demo_model().train()
@@ -83,8 +99,6 @@ DEFAULT_MODEL_NAME = "checkpoints/tiny-world"
 
 def default_model_dir():
     """The shipped tiny-world pipeline folder, `checkpoints/tiny-world` next to the package or at the repo root."""
-    from pathlib import Path
-
     here = Path(__file__).resolve().parent
     for root in (here, here.parent):
         candidate = root / DEFAULT_MODEL_NAME
@@ -93,9 +107,7 @@ def default_model_dir():
     return None
 
 
-def _load_pipeline(model):
-    from pathlib import Path
-
+def _load_pipeline(model, quiet: bool = False):
     if model is None:
         found = default_model_dir()
         if found is None:
@@ -112,19 +124,29 @@ def _load_pipeline(model):
     if not (path / "model_index.json").is_file():
         raise CLIError(f"--model {model}: not a pipeline folder (no model_index.json); save one with "
                        "CGMLLMPipeline.save_pretrained.")
+    if not (path / "model" / "config.json").is_file():  # checked before anything is built (see from_pretrained)
+        raise CLIError(f"--model {model}: no model/config.json; the folder is incomplete (a CGMLLMPipeline folder "
+                       "holds model/, vae/, scheduler/ and processor/).")
+    from transformers.utils import logging as transformers_logging
+
     from cgmllm.pipelines import CGMLLMPipeline
 
+    # transformers draws a "Loading weights" bar for every load: noise for a command that loads the same folder on
+    # every run.
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = CGMLLMPipeline.from_pretrained(path)
     except Exception as error:  # corrupt / incomplete folders
         raise CLIError(f"could not load the pipeline in {model}: {type(error).__name__}: {error}") from error
-    pipe.set_progress_bar_config(disable=True)
+    finally:
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=quiet)
     return pipe
 
 
 def _existing_file(path_str, what):
-    from pathlib import Path
-
     path = Path(path_str)
     if not path.exists():
         raise CLIError(f"{what} {path_str}: no such file.")
@@ -134,33 +156,65 @@ def _existing_file(path_str, what):
 
 
 def _check_output(path_str, suffixes, what):
-    from pathlib import Path
-
     path = Path(path_str)
     if path.suffix.lower() not in suffixes:
         raise CLIError(f"{what} {path_str}: unsupported extension, use one of {', '.join(sorted(suffixes))}.")
-    if not path.parent.exists():
-        raise CLIError(f"{what} {path_str}: the folder {path.parent} does not exist.")
+    if path.is_dir():
+        raise CLIError(f"{what} {path_str}: is a folder; give a file name.")
+    for parent in path.parents:  # the first existing ancestor must be a folder (else mkdir fails deep inside)
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{what} {path_str}: {parent} is a file, not a folder.")
+            break
     return path
 
 
-def run_render(args) -> int:
-    from .mesh_utils import load_mesh
-    from .rendering import render_multiview
+def _prepare_output(path: Path) -> str:
+    """Create the output's folder (e.g. `outputs/`) if needed; returns the note for the "wrote" line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return "overwrote" if path.exists() else "wrote"
 
+
+def default_num_threads() -> int:
+    """Threads for torch when neither `--threads` nor `OMP_NUM_THREADS` says: the cores that are idle now.
+
+    torch's own default (one thread per core) is the fastest on an idle machine, but on a loaded one its threads
+    wait for each other: on 2 cores at a load average of 12, 2 threads made the denoising 30x slower than 1
+    (`benchmarks/bench_cli.py`). So: the cores not already busy (1-minute load average), at least 1, at most 8.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(8, cores, int(cores - load + 0.5)))
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(default_num_threads())
+
+
+def run_render(args) -> int:
     path = _existing_file(args.mesh, "mesh")
     output = _check_output(args.output, {".png", ".jpg", ".jpeg", ".webp"}, "-o/--output")
     if args.size < 8:
         raise CLIError(f"--size must be at least 8 pixels, got {args.size}.")
     if args.views < 1:
         raise CLIError(f"--views must be at least 1, got {args.views}.")
+    from .mesh_utils import load_mesh
+    from .rendering import render_multiview
+
+    _set_threads(args)
     try:
         mesh = load_mesh(path)
     except ValueError as error:
         raise CLIError(str(error)) from error
     image = render_multiview(mesh, image_size=args.size, num_views=args.views, columns=args.columns)
+    verb = _prepare_output(output)
     image.save(output)
-    print(f"wrote {output} ({image.width}x{image.height}, {args.views} view(s) of {len(mesh.faces)} faces)")
+    print(f"{verb} {output} ({image.width}x{image.height}, {args.views} view(s) of {len(mesh.faces)} faces)")
     return 0
 
 
@@ -176,6 +230,9 @@ def _read_image(path, what: str):
 
 def run_caption(args) -> int:
     path = _existing_file(args.input, "input")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    _set_threads(args)
     is_image = path.suffix.lower() in _IMAGE_SUFFIXES
     if is_image:
         image = _read_image(path, "input")
@@ -186,7 +243,7 @@ def run_caption(args) -> int:
             mesh = load_mesh(path)
         except ValueError as error:
             raise CLIError(str(error)) from error
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.quiet)
     try:
         if is_image:
             captions = pipe.caption(image=image, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
@@ -200,21 +257,23 @@ def run_caption(args) -> int:
 
 
 def run_generate(args) -> int:
-    import torch
-
     output = _check_output(args.output, {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}, "-o/--output")
     if (args.prompt is None) == (args.image is None):
         raise CLIError("give either a PROMPT (text -> mesh) or --image FILE (image -> mesh), not "
                        + ("both." if args.prompt is not None else "neither."))
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError("the prompt is empty.")
-    condition = {"prompt": args.prompt} if args.prompt is not None else {
-        "image": _read_image(_existing_file(args.image, "--image"), "--image")}
+    if args.image is not None:
+        _existing_file(args.image, "--image")
     if args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}.")
     if args.octree_resolution < 4:
         raise CLIError(f"--octree-resolution must be at least 4, got {args.octree_resolution}.")
-    pipe = _load_pipeline(args.model)
+    condition = {"prompt": args.prompt} if args.prompt is not None else {"image": _read_image(args.image, "--image")}
+    _set_threads(args)
+    import torch
+
+    pipe = _load_pipeline(args.model, args.quiet)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)
     try:
@@ -229,9 +288,13 @@ def run_generate(args) -> int:
             f"the decoded field never crosses --mc-level {args.mc_level}: no surface, nothing written. Try another "
             "--seed or --mc-level, or a trained --model."
         )
-    mesh.export(output)
-    print(f"wrote {output} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces) in "
-          f"{time.perf_counter() - start:.1f}s")
+    from .mesh_utils import export_mesh
+
+    verb = _prepare_output(output)
+    written = export_mesh(mesh, output)
+    note = ", buffers embedded" if output.suffix.lower() == ".gltf" else ""
+    print(f"{verb} {', '.join(map(str, written))} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces{note}) "
+          f"in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -292,23 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defaults = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch; None = $OMP_NUM_THREADS if set, else the cores idle now "
+                             "(1-minute load average), at most 8")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     demo = subcommands.add_parser("demo", help="train a tiny random CG-MLLM for a few steps on the CPU",
-                                  formatter_class=defaults)
+                                  formatter_class=defaults, parents=[common])
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.set_defaults(func=run_demo)
 
     render = subcommands.add_parser("render", help="render a mesh file to a multi-view PNG preview",
-                                    formatter_class=defaults)
+                                    formatter_class=defaults, parents=[common])
     render.add_argument("mesh", help="mesh file (glb, gltf, obj, ply, stl, off)")
-    render.add_argument("-o", "--output", default="preview.png", help="output image (png, jpg, webp)")
+    render.add_argument("-o", "--output", default="outputs/preview.png",
+                        help="output image (png, jpg, webp); its folder is created if missing")
     render.add_argument("--size", type=int, default=256, help="side of every view in pixels")
     render.add_argument("--views", type=int, default=4, help="number of views around the object")
     render.add_argument("--columns", type=int, default=None, help="views per row; None = all in one row")
     render.set_defaults(func=run_render)
 
     caption = subcommands.add_parser("caption", help="describe a mesh or an image in text",
-                                     formatter_class=defaults)
+                                     formatter_class=defaults, parents=[common])
     caption.add_argument("input", metavar="MESH_OR_IMAGE",
                          help="mesh file (glb, obj, ply, ...) or image (png, jpg, ...), chosen by extension")
     caption.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
@@ -319,18 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=run_caption)
 
     generate = subcommands.add_parser("generate", help="generate a mesh from a text prompt or an image",
-                                      formatter_class=defaults)
+                                      formatter_class=defaults, parents=[common])
     generate.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                           help="text prompt, e.g. \"a tall cylinder\" (or give --image)")
     generate.add_argument("--image", default=None, help="image file (png, jpg, ...) to generate from instead")
-    generate.add_argument("-o", "--output", default="out.glb", help="output mesh (glb, obj, ply, stl, off)")
+    generate.add_argument("-o", "--output", default="outputs/out.glb",
+                          help="output mesh (glb, gltf with embedded buffers, obj, ply, stl, off); its folder is "
+                               "created if missing")
     generate.add_argument("--model", default=None, help=f"pipeline folder; None = the shipped {DEFAULT_MODEL_NAME}")
-    generate.add_argument("--steps", type=int, default=50, help="Euler denoising steps")
-    generate.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (<=1: off)")
+    generate.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                          help="Euler denoising steps (S steps = the official --num_timesteps S + 1)")
+    generate.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                          help="classifier-free guidance (<=1: off)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     generate.add_argument("--num-shape-tokens", type=int, default=None,
                           help="latent rows N; None = the model's num_shape_tokens")
-    generate.add_argument("--octree-resolution", type=int, default=128, help="marching-cubes grid cells per axis")
+    generate.add_argument("--octree-resolution", type=int, default=DEFAULT_OCTREE_RESOLUTION,
+                          help="marching-cubes grid cells per axis")
     generate.add_argument("--mc-level", type=float, default=0.0, help="iso-level of the decoded field")
     generate.set_defaults(func=run_generate)
 
@@ -351,6 +425,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -359,6 +443,11 @@ def main(argv=None) -> int:
     except CLIError as error:
         print(f"cgmllm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are written last and atomically: an interrupted command leaves no partial file behind.
+        writes = args.command in ("generate", "render")
+        print(f"\ncgmllm {args.command}: interrupted{'; nothing written' if writes else ''}.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -89,7 +90,8 @@ class CGMLLMCausalLMOutputWithPast(ModelOutput):
 
     Args:
         loss: `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss` over the terms that are present.
-        logits: `(batch, seq_len or logits_to_keep, vocab)`.
+        logits: `(batch, seq_len or logits_to_keep, vocab)`; with `labels`, only the rows that predict a label:
+            `(num_label_tokens, vocab)` in row-major order (see [`cgmllm_loss`]).
         cache: the KV cache.
         hidden_states / attentions: as in [`CGMLLMModelOutputWithPast`].
         lm_loss: next-token cross-entropy over the `labels` that are not -100.
@@ -113,6 +115,44 @@ class CGMLLMCausalLMOutputWithPast(ModelOutput):
     flow_loss_mask: torch.BoolTensor | None = None
     shape_timesteps: torch.FloatTensor | None = None
     position_ids: torch.LongTensor | None = None
+
+
+def cgmllm_loss(
+    logits: torch.Tensor | None,
+    target_ids: torch.LongTensor | None,
+    velocity: torch.Tensor | None,
+    velocity_target: torch.Tensor | None,
+    flow_loss_mask: torch.BoolTensor | None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    num_shape_rows_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """CG-MLLM's two loss terms: the one definition, used by the model's forward (and so by `CGMLLMTrainer`).
+
+    lm_loss   = sum of the token cross-entropies (float32) / `num_items_in_batch`
+    flow_loss = sum over target latent rows of the channel-mean squared velocity error (float32)
+                / `num_shape_rows_in_batch`
+
+    The counts default to this batch's own. The Trainer passes the whole optimizer step's (every gradient-accumulation
+    micro-batch on every process), so accumulating micro-batches or splitting a batch over processes gives the
+    gradient of one big batch. A term is None when this batch has no item of its kind.
+
+    Args:
+        logits: `(num_label_tokens, vocab)` the predictions of the labelled next tokens only.
+        target_ids: `(num_label_tokens,)` their labels.
+        velocity / velocity_target: `(num_latent_rows, channels)`; flow_loss_mask: `(num_latent_rows,)`.
+    """
+    lm_loss = flow_loss = None
+    if logits is not None and target_ids is not None and target_ids.numel() > 0:
+        count = target_ids.numel() if num_items_in_batch is None else num_items_in_batch
+        lm_sum = F.cross_entropy(logits.float(), target_ids.to(logits.device), reduction="sum")
+        lm_loss = lm_sum / torch.as_tensor(count, device=lm_sum.device)
+    if velocity_target is not None and flow_loss_mask is not None:
+        per_row = (velocity.float() - velocity_target.float().to(velocity.device)).pow(2).mean(-1)
+        per_row = per_row[flow_loss_mask.to(per_row.device)]
+        if per_row.numel() > 0:
+            count = per_row.numel() if num_shape_rows_in_batch is None else num_shape_rows_in_batch
+            flow_loss = per_row.sum() / torch.as_tensor(count, device=per_row.device)
+    return lm_loss, flow_loss
 
 
 class CGMLLMTimestepEmbedder(nn.Module):
@@ -163,34 +203,50 @@ class CGMLLMUnderstandingConnector(nn.Module):
 
 
 class ExpertRouting:
-    """Sends each row of a `(batch, seq_len, dim)` tensor to its expert.
+    """Sends each row of a `(batch, seq_len, dim)` tensor to its expert, each expert running on one contiguous slice.
 
-    `block_ar_mask` is True at 3D latent rows (BlockAR) and False elsewhere (TokenAR). When a forward holds one kind
-    of row only (plain text, or a denoising query without markers) the whole tensor goes to one expert, without any
+    Built once per forward (as MoE token sorting): a stable sort puts the TokenAR rows first and the BlockAR rows
+    (3D latent rows, `block_ar_mask` True) after them, both in sequence order. Every call then gathers the rows once
+    into that order, runs each expert on its slice and puts the rows back with the inverse permutation.
+
+    No host synchronisation: the slice sizes come from `num_block_ar`, which the caller knows on the host (the number
+    of latent rows it embedded). The permutation is moved to the device of the rows it is applied to (and kept there),
+    so a layer placed on another GPU by a `device_map` gets its own copy. When a forward holds one kind of row only
+    (plain text, or a denoising query without markers) the whole tensor goes to one expert, without any
     gather/scatter, which keeps the TokenAR path bit-identical to Qwen3-VL.
+
+    Args:
+        block_ar_mask: `(batch, seq_len)` True at BlockAR rows.
+        num_block_ar: the number of True values in `block_ar_mask`.
     """
 
-    def __init__(self, block_ar_mask: torch.BoolTensor):
-        self.block_ar_mask = block_ar_mask
-        flat = block_ar_mask.reshape(-1)
-        self.num_block_ar = int(flat.sum())
-        self.num_rows = flat.numel()
+    def __init__(self, block_ar_mask: torch.BoolTensor, num_block_ar: int):
+        self.num_rows = block_ar_mask.numel()
+        self.num_block_ar = int(num_block_ar)
+        self.num_token_ar = self.num_rows - self.num_block_ar
+        self._permutations: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if 0 < self.num_block_ar < self.num_rows:
-            self.block_ar_index = flat.nonzero().squeeze(-1)
-            self.token_ar_index = (~flat).nonzero().squeeze(-1)
+            order = torch.argsort(block_ar_mask.reshape(-1).to(torch.uint8), stable=True)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(self.num_rows, device=order.device)
+            self._permutations[order.device] = (order, inverse)
+
+    def _permutation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._permutations:
+            order, inverse = next(iter(self._permutations.values()))
+            self._permutations[device] = (order.to(device), inverse.to(device))
+        return self._permutations[device]
 
     def __call__(self, hidden_states: torch.Tensor, token_ar_fn: Callable, block_ar_fn: Callable) -> torch.Tensor:
         if self.num_block_ar == 0:
             return token_ar_fn(hidden_states)
-        if self.num_block_ar == self.num_rows:
+        if self.num_token_ar == 0:
             return block_ar_fn(hidden_states)
+        order, inverse = self._permutation(hidden_states.device)
         leading_shape = hidden_states.shape[:-1]
-        flat = hidden_states.reshape(self.num_rows, hidden_states.shape[-1])
-        token_rows = token_ar_fn(flat.index_select(0, self.token_ar_index))
-        block_rows = block_ar_fn(flat.index_select(0, self.block_ar_index))
-        out = token_rows.new_zeros(self.num_rows, *token_rows.shape[1:])
-        out = out.index_copy(0, self.token_ar_index, token_rows).index_copy(0, self.block_ar_index, block_rows)
-        return out.reshape(*leading_shape, *token_rows.shape[1:])
+        rows = hidden_states.reshape(self.num_rows, hidden_states.shape[-1]).index_select(0, order)
+        out = torch.cat([token_ar_fn(rows[: self.num_token_ar]), block_ar_fn(rows[self.num_token_ar :])])
+        return out.index_select(0, inverse).reshape(*leading_shape, *out.shape[1:])
 
 
 class CGMLLMTextAttention(nn.Module):
@@ -245,7 +301,6 @@ class CGMLLMTextAttention(nn.Module):
         attention_mask,
         routing: ExpertRouting,
         cache: Cache | None = None,
-        update_cache: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the attention output `(batch, seq_len, hidden)` and the attention weights
@@ -262,14 +317,7 @@ class CGMLLMTextAttention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is not None:
-            if update_cache:
-                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-            else:
-                # Read-only cache: the denoising block attends to the cached prompt without being written into it.
-                layer = cache.layers[self.layer_idx]
-                if layer.keys is not None and layer.keys.numel() > 0:
-                    key_states = torch.cat([layer.keys, key_states], dim=-2)
-                    value_states = torch.cat([layer.values, value_states], dim=-2)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -309,7 +357,6 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
         attention_mask=None,
         routing: ExpertRouting | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -320,7 +367,6 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             routing=routing,
             cache=cache,
-            update_cache=update_cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -344,6 +390,34 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = False
     _can_record_outputs = {}
+
+    # Remote-code classes per Auto class, as transformers maps Qwen3-VL (`AutoModel` = the base model).
+    _AUTO_MAP = {
+        "AutoModel": "modeling_cgmllm.CGMLLMModel",
+        "AutoModelForImageTextToText": "modeling_cgmllm.CGMLLMForConditionalGeneration",
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a local folder without `config.json` (unless a `config` is
+        passed): transformers would otherwise build the default configuration, a 2B-shaped model of about 22 GB,
+        before it finds that the weights do not fit."""
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(
+            os.path.join(folder, "config.json")
+        ):
+            raise OSError(
+                f"{folder} has no config.json: it is not a saved CG-MLLM model folder. Pass the folder written by "
+                "`save_pretrained` (in a pipeline folder, its `model/` subfolder), or pass `config=`."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, variant: str | None = None, **kwargs):
+        # `register_for_auto_class` writes only the saved class's entry; a checkpoint of either class loads as both.
+        if isinstance(self.config, CGMLLMConfig):
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._AUTO_MAP}
+        # `variant` is named in the signature: a diffusers pipeline passes it only to components that declare it.
+        return super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -391,7 +465,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         attention_mask=None,
         routing: ExpertRouting | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         visual_pos_masks: torch.Tensor | None = None,
         deepstack_visual_embeds: list[torch.Tensor] | None = None,
         **kwargs,
@@ -402,12 +475,11 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
             position_ids: `(3, batch, seq_len)` mRoPE ids.
             attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
             routing: which rows use BlockAR; defaults to all TokenAR.
-            update_cache: False keeps `cache` read-only (denoising steps).
             output_hidden_states / output_attentions (keyword, or the text config's flags): see the class docstring.
         """
         kwargs.pop("output_hidden_states", None)  # read by `capture_outputs`; the attention kernels take no such flag
         if routing is None:
-            routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool))
+            routing = ExpertRouting(torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool), 0)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
 
@@ -418,7 +490,6 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                 attention_mask=attention_mask,
                 routing=routing,
                 cache=cache,
-                update_cache=update_cache,
                 **kwargs,
             )
             if deepstack_visual_embeds is not None and layer_idx < len(deepstack_visual_embeds):
@@ -686,7 +757,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 when omitted. Needed only for layouts with several blocks per object.
             packed_sample_ids: `(batch, seq_len)` id of the packed sample each token belongs to (derived from restarting
                 text `position_ids` when omitted).
-            update_cache: False leaves `past_key_values` untouched (the denoising steps read the prompt cache).
+            update_cache: False leaves `cache` as it was (a denoising step attends to the cached prompt but must not
+                stay in it): the rows are written with the cache's own `update` and cropped off again afterwards
+                (`cache.crop`), the standard cache API, so `DynamicCache`, `StaticCache` and offloaded caches work
+                alike. Caches whose layers cannot be cropped (sliding windows) raise a `ValueError`.
             generator: optional generator for the drawn timesteps and noise.
         """
         cache = kwargs.pop("past_key_values", cache)
@@ -704,7 +778,13 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if use_cache and cache is None:
             cache = DynamicCache(config=config.text_config)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and not update_cache and not cache.is_croppable:
+            raise ValueError(
+                f"`update_cache=False` writes the new rows into the cache and crops them off again; a "
+                f"{type(cache).__name__} cannot be cropped (sliding-window or quantized layers). Use a DynamicCache "
+                "or a StaticCache for the denoising steps."
+            )
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
 
         # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
         if input_ids is None:
@@ -747,12 +827,14 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             )
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
+            num_shape_rows = shape_embeds.shape[0]  # known on the host: routing needs no device sync
             inputs_embeds = inputs_embeds.masked_scatter(
                 shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds)
             )
             noisy_shape_mask = self._noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps)
         else:
             velocity_target = flow_loss_mask = None
+            num_shape_rows = 0
             noisy_shape_mask = torch.zeros_like(shape_row_mask)
 
         # 2. Packed samples and positions: one id per 3D block, Qwen3-VL grids for images.
@@ -799,19 +881,26 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             packed_sample_ids,
             cache=cache,
         )
+        attention_kwargs = {}
+        if mask is None and bool((shape_block_ids >= 0).any()):
+            # No mask because the queries form one block that sees everything (a denoising step on an unpadded
+            # prompt), not because attention is causal: sdpa must not fall back to `is_causal`.
+            attention_kwargs["is_causal"] = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=mask,
-            routing=ExpertRouting(shape_row_mask),
+            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows),
             cache=cache,
-            update_cache=update_cache,
+            **attention_kwargs,
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack_visual_embeds,
             output_hidden_states=_resolve_output_flag(output_hidden_states, config, "output_hidden_states"),
             output_attentions=_resolve_output_flag(output_attentions, config, "output_attentions"),
             return_dict=True,
         )
+        if cache is not None and not update_cache:
+            cache.crop(-seq_len)  # back to the context: the rows were attended to, not kept
         return CGMLLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=cache,
@@ -851,9 +940,10 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
                 f"({features.shape[0]})."
             )
-        weight = connector.fc1.weight
-        embeds = connector(features.to(device=weight.device, dtype=weight.dtype))
-        return embeds, torch.zeros(num_rows, device=weight.device), None, None
+        # The inputs' device (parameters may sit on `meta` under sequential offload; hooks move the inputs).
+        device = shape_row_mask.device
+        embeds = connector(features.to(device=device, dtype=connector.fc1.weight.dtype))
+        return embeds, torch.zeros(num_rows, device=device), None, None
 
     def _embed_shape_rows(self, shape_row_mask, shape_block_ids, shape_latents, shape_timesteps, shape_loss_mask,
                           generator):
@@ -994,7 +1084,12 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
         Args:
             labels: `(batch, seq_len)` next-token labels aligned with `input_ids` (-100 = ignored; shifted inside).
-            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all).
+                With labels, `lm_head` runs only on the rows that predict a label (a training batch's latent rows
+                and prompt never reach the 151,936-way vocabulary projection), and `logits` holds those rows.
+            logits_to_keep: without labels, compute logits for the last `logits_to_keep` positions only (0 = all;
+                `generate` and the pipeline pass 1).
+            num_items_in_batch / num_shape_rows_in_batch: the denominators of the two loss terms (see
+                [`cgmllm_loss`]); default: this batch's label tokens / target latent rows.
             return_dict (keyword, defaults to `config.return_dict`): False returns `output.to_tuple()`, i.e.
                 `(loss, logits, ...)` without the fields that are None, as every transformers model does.
 
@@ -1003,6 +1098,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         """
         cache = kwargs.pop("past_key_values", cache)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        num_shape_rows_in_batch = kwargs.pop("num_shape_rows_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1031,21 +1127,22 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
         if outputs.shape_timesteps is not None:
             velocity = self.llm2obj(hidden_states[outputs.shape_row_mask]).float()
 
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        target_ids = None
+        if labels is not None:
+            # Row i predicts label i + 1; only labelled rows go through lm_head.
+            labels = labels.to(hidden_states.device)
+            label_mask = labels[:, 1:] != -100
+            target_ids = labels[:, 1:][label_mask]
+            logits = self.lm_head(hidden_states[:, :-1][label_mask])
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
 
-        lm_loss = flow_loss = None
         # A generation-only batch (every label -100) has no CE term rather than a NaN one.
-        if labels is not None and bool((labels[..., 1:] != -100).any()):
-            lm_loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
-        if outputs.velocity_target is not None and bool(outputs.flow_loss_mask.any()):
-            per_row = (velocity - outputs.velocity_target).pow(2).mean(-1)
-            flow_loss = per_row[outputs.flow_loss_mask].mean()
+        lm_loss, flow_loss = cgmllm_loss(
+            logits, target_ids, velocity, outputs.velocity_target, outputs.flow_loss_mask,
+            num_items_in_batch=num_items_in_batch, num_shape_rows_in_batch=num_shape_rows_in_batch,
+        )
         loss = None
         if lm_loss is not None or flow_loss is not None:
             loss = 0.0
@@ -1229,13 +1326,6 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
             return text_positions
         return torch.cat([text_positions.reshape(1, *rope.shape[1:]), rope], dim=0)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # `auto_map` gets the AutoModel entry from `register_for_auto_class`; image-text-to-text loads the same class.
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", "modeling_cgmllm.CGMLLMForConditionalGeneration")
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
     # ----------------------------------------------------------------------------------------------------------------
     # Builders
     # ----------------------------------------------------------------------------------------------------------------
@@ -1324,6 +1414,7 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "cgmllm_loss",
     "CGMLLMUnderstandingConnector",
     "CGMLLMForConditionalGeneration",
     "CGMLLMModel",

@@ -86,8 +86,8 @@ class MLP(nn.Module):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
-class QKVMultiheadAttention(nn.Module):
-    """Splits a per-head interleaved `(B, N, H * 3 * d)` qkv tensor, applies qk-norm and SDPA -> `(B, N, H * d)`."""
+class _QKNormAttention(nn.Module):
+    """Per-head LayerNorm of queries and keys (qk-norm), then SDPA; subclasses split their projections into heads."""
 
     def __init__(self, heads: int, width: int, qk_norm: bool = True, norm_eps: float = 1e-6):
         super().__init__()
@@ -96,13 +96,21 @@ class QKVMultiheadAttention(nn.Module):
         self.q_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q `(B, N, H, d)`, k and v `(B, M, H, d)` -> `(B, N, H * d)`."""
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
+        return out.transpose(1, 2).flatten(2)
+
+
+class QKVMultiheadAttention(_QKNormAttention):
+    """Splits a per-head interleaved `(B, N, H * 3 * d)` qkv tensor, applies qk-norm and SDPA -> `(B, N, H * d)`."""
+
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         batch, length, channels = qkv.shape
         head_dim = channels // (3 * self.heads)
         q, k, v = qkv.view(batch, length, self.heads, 3 * head_dim).split(head_dim, dim=-1)  # 3 x (B, N, H, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
-        return out.transpose(1, 2).reshape(batch, length, self.heads * head_dim)
+        return self.attend(q, k, v)
 
 
 class MultiheadAttention(nn.Module):
@@ -150,25 +158,15 @@ class Transformer(nn.Module):
         return x
 
 
-class QKVMultiheadCrossAttention(nn.Module):
+class QKVMultiheadCrossAttention(_QKNormAttention):
     """Plain head split of q; per-head interleaved split of `(B, M, H * 2 * d)` kv; qk-norm; SDPA."""
-
-    def __init__(self, heads: int, width: int, qk_norm: bool = True, norm_eps: float = 1e-6):
-        super().__init__()
-        self.heads = heads
-        head_dim = width // heads
-        self.q_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         batch, length, _ = q.shape
         data_length, channels = kv.shape[1], kv.shape[2]
         head_dim = channels // (2 * self.heads)
-        q = q.view(batch, length, self.heads, head_dim)
         k, v = kv.view(batch, data_length, self.heads, 2 * head_dim).split(head_dim, dim=-1)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
-        return out.transpose(1, 2).reshape(batch, length, self.heads * head_dim)
+        return self.attend(q.view(batch, length, self.heads, head_dim), k, v)
 
 
 class MultiheadCrossAttention(nn.Module):
@@ -179,8 +177,9 @@ class MultiheadCrossAttention(nn.Module):
         self.c_proj = nn.Linear(width, width)
         self.attention = QKVMultiheadCrossAttention(heads, width, qk_norm)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data)))
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        """`kv` is `c_kv(data)` when already computed (see `ResidualCrossAttentionBlock.project_data`)."""
+        return self.c_proj(self.attention(self.c_q(x), self.c_kv(data) if kv is None else kv))
 
 
 class ResidualCrossAttentionBlock(nn.Module):
@@ -194,8 +193,13 @@ class ResidualCrossAttentionBlock(nn.Module):
         self.ln_3 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = MLP(width, mlp_expand_ratio)
 
-    def forward(self, x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.ln_2(data))
+    def project_data(self, data: torch.Tensor) -> torch.Tensor:
+        """`(B, M, width) -> (B, M, 2 * width)` keys and values of `data`: what every query chunk of a volume decoding
+        attends to, computed once per object instead of once per chunk (same values: same inputs, same shapes)."""
+        return self.attn.c_kv(self.ln_2(data))
+
+    def forward(self, x: torch.Tensor, data: torch.Tensor | None = None, kv: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), kv=self.project_data(data) if kv is None else kv)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -353,10 +357,12 @@ class CrossAttentionDecoder(nn.Module):
         self.ln_post = nn.LayerNorm(width) if use_ln_post else None
         self.output_proj = nn.Linear(width, 1)
 
-    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor, latent_kv: torch.Tensor | None = None):
+        """Queries `(B, Q, 3)`, latents `(B, M, width)` -> logits `(B, Q, 1)`; `latent_kv` =
+        `cross_attn_decoder.project_data(latents)` when already computed."""
         # `queries` stay float32 up to the Fourier features (see `FourierEmbedder`).
         x = self.query_proj(self.fourier_embedder(queries).to(self.query_proj.weight.dtype))
-        x = self.cross_attn_decoder(x, latents)
+        x = self.cross_attn_decoder(x, latents, kv=latent_kv)
         if self.ln_post is not None:
             x = self.ln_post(x)
         return self.output_proj(x)
@@ -419,7 +425,21 @@ class ShapeVAELossOutput(BaseOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: Where `from_hunyuan3d` weights come from (their licence: Tencent Hunyuan 3D 2.1 Community License).
+HUNYUAN3D_RELEASE = "tencent/Hunyuan3D-2.1"
+
 _WEIGHT_FILES = ("model.fp16.safetensors", "model.safetensors", "model.fp16.ckpt", "model.ckpt")
+
+
+def _reporting_field(field: Callable[[torch.Tensor], torch.Tensor], report: Callable[[int], object]):
+    """`field` that also reports how many points each call evaluated."""
+
+    def reporting(xyz: torch.Tensor) -> torch.Tensor:
+        values = field(xyz)
+        report(len(xyz))
+        return values
+
+    return reporting
 
 
 class ShapeVAE(ModelMixin, ConfigMixin):
@@ -444,6 +464,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         geo_decoder_mlp_expand_ratio, geo_decoder_ln_post, use_ln_post: geometry decoder MLP ratio; final norms.
         with_encoder: False for decoder-only checkpoints (Hunyuan3D-2.0 `hunyuan3d-vae-v2-0`).
         scale_factor: multiply latents by it before diffusion, divide before decoding (not applied here).
+        weights_source: Hub id of the release the weights come from (`from_hunyuan3d` sets `tencent/Hunyuan3D-2.1`);
+            None for a VAE trained with this package. Model cards take the licence of a folder from it.
     """
 
     _supports_gradient_checkpointing = True
@@ -474,6 +496,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         use_ln_post: bool = True,
         with_encoder: bool = True,
         scale_factor: float = 1.0039506158752403,
+        weights_source: str | None = None,
     ):
         super().__init__()
         if width % heads != 0:
@@ -629,11 +652,24 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         if features.shape[0] != 1:
             raise ValueError(f"field_fn takes the features of one object, got batch size {features.shape[0]}.")
 
+        decoder = self.geo_decoder
+        with torch.no_grad():  # the latents' keys / values are the same for every chunk of queries: once per object
+            latent_kv = decoder.cross_attn_decoder.project_data(features)
+
         @torch.no_grad()
         def field(xyz: torch.Tensor) -> torch.Tensor:
-            return self._query(features, xyz.to(features.device)[None])[0].float().cpu()
+            xyz = torch.as_tensor(xyz, device=features.device)[None].float()
+            return decoder(xyz, features, latent_kv=latent_kv)[0, :, 0].float().cpu()
 
         return field
+
+    @torch.no_grad()
+    @apply_forward_hook
+    def latents_to_mesh(self, latents: torch.Tensor, **mesh_kwargs) -> list[trimesh.Trimesh]:
+        """Latents `(B, N, embed_dim)` (unscaled: divide diffusion latents by `config.scale_factor` first) -> one
+        `trimesh.Trimesh` per object, outward-facing, in the VAE cube: `features_to_mesh(decode(latents), ...)`,
+        with the same keyword arguments (`octree_resolution`, `mc_level`, `band`, ...)."""
+        return self.features_to_mesh(self.decode(latents), **mesh_kwargs)
 
     @torch.no_grad()
     @apply_forward_hook
@@ -641,78 +677,40 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         self,
         features: torch.Tensor,
         octree_resolution: int = 256,
-        bounds: float = 1.01,
         mc_level: float = 0.0,
-        num_chunks: int = 8000,
-        method: str = "hierarchical",
-        remove_floaters: bool | float = False,
-        max_faces: int | None = None,
-        hunyuan_vertex_scale: bool = False,
         band: float | None = 0.95,
+        progress_callback: Callable[[int], object] | None = None,
+        **field_kwargs,
     ) -> list[trimesh.Trimesh]:
-        """Like `latents_to_mesh`, for features `(B, N, width)` that already went through `decode`."""
+        """Decoded features `(B, N, width)` (the output of `decode`) -> one `trimesh.Trimesh` per object.
+
+        Args:
+            octree_resolution: grid cells per axis R (the grid has R + 1 samples per axis).
+            mc_level: iso-level of the positive-inside field.
+            band: hierarchical decoding only: also refine coarse cells whose logit is within `band` of `mc_level`
+                (FlashVDM's `|logit| < 0.95`), so that small parts no coarse grid point falls inside are not lost;
+                `None` refines sign changes only (fewest queries).
+            progress_callback: called with the number of points after every chunk of field queries (e.g. a tqdm
+                bar's `update`).
+            **field_kwargs: forwarded to `volume_decoding.field_to_mesh`: `bounds` (half size of the decoded box,
+                Hunyuan3D's 1.01, or `(xmin, ymin, zmin, xmax, ymax, zmax)`), `num_chunks` (query points per
+                geometry-decoder call, default 8000), `method` (`"hierarchical"`, the default: coarse-to-fine, only
+                near-surface cells, same mesh as `"dense"`), `remove_floaters` (drop components below 0.5% of the
+                faces, or below the given ratio), `max_faces` (decimate; needs `pip install fast-simplification`),
+                `hunyuan_vertex_scale` (reproduce the official `/(R + 1)` vertex mapping quirk for bit-parity).
+        """
+        if field_kwargs.get("method", "hierarchical") == "hierarchical":
+            field_kwargs["band"] = band
         meshes = []
         for index in range(features.shape[0]):
-            mesh = field_to_mesh(
-                self.field_fn(features[index : index + 1]),
-                resolution=octree_resolution,
-                bounds=bounds,
-                level=mc_level,
-                num_chunks=num_chunks,
-                method=method,
-                remove_floaters=remove_floaters,
-                max_faces=max_faces,
-                hunyuan_vertex_scale=hunyuan_vertex_scale,
-                band=band,
-            )
+            field = self.field_fn(features[index : index + 1])
+            if progress_callback is not None:
+                field = _reporting_field(field, progress_callback)
+            mesh = field_to_mesh(field, resolution=octree_resolution, level=mc_level, **field_kwargs)
             if len(mesh.faces) == 0:
                 logger.warning(f"The field of object {index} never crosses mc_level={mc_level}; empty mesh returned.")
             meshes.append(mesh)
         return meshes
-
-    @torch.no_grad()
-    @apply_forward_hook
-    def latents_to_mesh(
-        self,
-        latents: torch.Tensor,
-        octree_resolution: int = 256,
-        bounds: float = 1.01,
-        mc_level: float = 0.0,
-        num_chunks: int = 8000,
-        method: str = "hierarchical",
-        remove_floaters: bool | float = False,
-        max_faces: int | None = None,
-        hunyuan_vertex_scale: bool = False,
-        band: float | None = 0.95,
-    ) -> list[trimesh.Trimesh]:
-        """Latents `(B, N, embed_dim)` (unscaled: divide diffusion latents by `config.scale_factor` first) -> one
-        `trimesh.Trimesh` per object, outward-facing, in the VAE cube.
-
-        Args:
-            octree_resolution: grid cells per axis R (the grid has R + 1 samples per axis).
-            bounds: half size of the decoded box (Hunyuan3D: 1.01), or `(xmin, ymin, zmin, xmax, ymax, zmax)`.
-            mc_level: iso-level of the positive-inside field.
-            num_chunks: query points per geometry-decoder call (memory / speed trade-off).
-            method: `"hierarchical"` (coarse-to-fine, only near-surface cells; same mesh as dense) or `"dense"`.
-            remove_floaters: drop components below 0.5% of the faces (True) or below the given ratio (float).
-            max_faces: decimate to this face budget (needs `pip install fast-simplification`).
-            hunyuan_vertex_scale: reproduce the official `/(R + 1)` vertex mapping quirk for bit-parity.
-            band: hierarchical only: also refine coarse cells whose logit is within `band` of `mc_level` (FlashVDM's
-                `|logit| < 0.95`), so that small parts no coarse grid point falls inside are not lost; `None` refines
-                sign changes only (fewest queries).
-        """
-        return self.features_to_mesh(
-            self.decode(latents),
-            octree_resolution=octree_resolution,
-            bounds=bounds,
-            mc_level=mc_level,
-            num_chunks=num_chunks,
-            method=method,
-            remove_floaters=remove_floaters,
-            max_faces=max_faces,
-            hunyuan_vertex_scale=hunyuan_vertex_scale,
-            band=band,
-        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Training
@@ -895,7 +893,8 @@ class ShapeVAE(ModelMixin, ConfigMixin):
                 pipeline safetensors with `vae.` keys) or a folder holding `config.yaml` and `model[.fp16].{safetensors,
                 ckpt}` (as `hunyuan3d-vae-v2-1/`).
             torch_dtype: dtype of the returned model (default float32; the released weights are fp16).
-            config_overrides: config fields that win over everything else.
+            config_overrides: config fields that win over everything else (e.g. `weights_source="tencent/Hunyuan3D-2"`
+                for 2.0 weights; the default records `tencent/Hunyuan3D-2.1`).
 
         Config precedence: 2.1 defaults < `params` of a `config.yaml` next to the weights < shapes inferred from the
         tensors < `config_overrides`.
@@ -924,6 +923,7 @@ class ShapeVAE(ModelMixin, ConfigMixin):
 
         state_dict = cls.read_hunyuan3d_state_dict(path)
         config.update(cls.config_from_state_dict(state_dict))
+        config["weights_source"] = HUNYUAN3D_RELEASE  # the licence of these weights goes with every copy
         config.update(config_overrides)
         try:  # skip the random init of ~330M parameters that the checkpoint overwrites anyway
             from accelerate import init_empty_weights

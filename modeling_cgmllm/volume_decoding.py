@@ -282,24 +282,6 @@ def decode_volume_hierarchical(
     return VolumeGrid(values=values, bounds_min=lo, bounds_max=hi, num_queries=num_queries, evaluated=evaluated)
 
 
-def decode_volume(
-    field_fn: FieldFn,
-    resolution: int = 256,
-    bounds: Bounds = 1.01,
-    level: float = 0.0,
-    num_chunks: int = 8000,
-    method: str = "hierarchical",
-    min_resolution: int = 64,
-    band: float | None = None,
-) -> VolumeGrid:
-    """Dispatches to `decode_volume_dense` or `decode_volume_hierarchical` (`method="dense"|"hierarchical"`)."""
-    if method == "dense":
-        return decode_volume_dense(field_fn, resolution, bounds, num_chunks)
-    if method == "hierarchical":
-        return decode_volume_hierarchical(field_fn, resolution, bounds, level, num_chunks, min_resolution, band)
-    raise ValueError(f"Unknown volume decoding method {method!r}; expected 'dense' or 'hierarchical'.")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Marching cubes
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,20 +331,29 @@ def field_to_mesh(
     resolution: int = 256,
     bounds: Bounds = 1.01,
     level: float = 0.0,
-    num_chunks: int = 8000,
     method: str = "hierarchical",
     remove_floaters: bool | float = False,
     max_faces: int | None = None,
     hunyuan_vertex_scale: bool = False,
-    min_resolution: int = 64,
-    band: float | None = None,
+    **decoder_kwargs,
 ) -> trimesh.Trimesh:
     """Field -> grid -> marching cubes -> optional post-processing, for any positive-inside callable.
 
-    `remove_floaters=True` uses Hunyuan3D's 0.5% face ratio; a float sets the ratio. `min_resolution` and `band`
-    tune the hierarchical decoder (see `decode_volume_hierarchical`).
+    `method="hierarchical"` decodes with `decode_volume_hierarchical` (same mesh as dense, far fewer queries),
+    `"dense"` with `decode_volume_dense`; `decoder_kwargs` go to that decoder (`num_chunks`, and for the hierarchical
+    one `min_resolution` and `band`). `remove_floaters=True` uses Hunyuan3D's 0.5% face ratio; a float sets the
+    ratio.
     """
-    grid = decode_volume(field_fn, resolution, bounds, level, num_chunks, method, min_resolution, band)
+    if method == "dense":
+        unknown = set(decoder_kwargs) - {"num_chunks"}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)} only apply to method='hierarchical'; the dense decoder takes "
+                             "num_chunks.")
+        grid = decode_volume_dense(field_fn, resolution, bounds, **decoder_kwargs)
+    elif method == "hierarchical":
+        grid = decode_volume_hierarchical(field_fn, resolution, bounds, level, **decoder_kwargs)
+    else:
+        raise ValueError(f"Unknown volume decoding method {method!r}; expected 'dense' or 'hierarchical'.")
     mesh = marching_cubes(grid, level, hunyuan_vertex_scale)
     ratio = (0.005 if remove_floaters is True else float(remove_floaters)) if remove_floaters else None
     return postprocess_mesh(mesh, ratio, max_faces)
@@ -370,7 +361,6 @@ def field_to_mesh(
 
 __all__ = [
     "VolumeGrid",
-    "decode_volume",
     "decode_volume_dense",
     "decode_volume_hierarchical",
     "dense_grid_points",

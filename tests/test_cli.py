@@ -1,5 +1,9 @@
 """The `cgmllm` command line: render / caption / generate on real meshes and a tiny random pipeline folder."""
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -78,8 +82,11 @@ def test_render_errors(tmp_path, capsys):
     trimesh.creation.icosphere(subdivisions=1).export(sphere)
     assert cli.main(["render", str(sphere), "-o", str(tmp_path / "p.txt")]) == 2
     assert "unsupported extension" in capsys.readouterr().err
-    assert cli.main(["render", str(sphere), "-o", str(tmp_path / "nope" / "p.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    # A missing folder is created (the default is outputs/preview.png); a file in the way is an error.
+    assert cli.main(["render", str(sphere), "-o", str(tmp_path / "new" / "p.png"), "--size", "8"]) == 0
+    assert (tmp_path / "new" / "p.png").is_file()
+    assert cli.main(["render", str(sphere), "-o", str(sphere / "p.png")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_generate_writes_a_mesh(pipe_dir, tmp_path, capsys):
@@ -139,3 +146,140 @@ def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
     assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and cli.DEFAULT_MODEL_NAME in err
+
+
+# First contact: start-up, harm, feedback, files --------------------------------------------------------------------
+def test_help_and_import_load_no_heavy_library():
+    # What `cgmllm --help` and argument errors cost is what they import: nothing of torch / transformers / diffusers.
+    # (Wall times are measured by benchmarks/bench_cli.py, not asserted here.)
+    script = textwrap.dedent(
+        """
+        import sys
+        import cgmllm
+        from cgmllm import cli
+        try:
+            cli.main(["generate", "a ball", "-o", "x.txt"])
+        except SystemExit:
+            pass
+        try:
+            cli.main(["--help"])
+        except SystemExit:
+            pass
+        names = ("torch", "transformers", "diffusers", "peft", "datasets", "trimesh")
+        heavy = sorted(m for m in names if m in sys.modules)
+        print("HEAVY", heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "unsupported extension" in result.stderr
+
+
+def test_every_public_name_is_importable_from_cgmllm():
+    import cgmllm
+
+    for name in cgmllm.__all__:
+        assert getattr(cgmllm, name) is not None, name
+    from cgmllm import CGMLLMConfig, CGMLLMPipeline, CGMLLMTrainer  # noqa: F401
+    from transformers import AutoConfig
+
+    assert AutoConfig.for_model("cgmllm").__class__ is CGMLLMConfig  # the first use registered the Auto classes
+    with pytest.raises(AttributeError, match="no attribute"):
+        cgmllm.NotAName  # noqa: B018
+
+
+def test_incomplete_folder_is_refused_before_any_model_is_built(pipe_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from cgmllm import CGMLLMForConditionalGeneration, ShapeVAE
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(CGMLLMForConditionalGeneration, "__init__", refuse)
+    monkeypatch.setattr(ShapeVAE, "__init__", refuse)
+    broken = tmp_path / "broken"
+    shutil.copytree(pipe_dir, broken)
+    (broken / "model" / "config.json").unlink()  # the weights stay: transformers alone would build a default model
+    assert cli.main(["generate", "a ball", "-o", str(tmp_path / "x.glb"), "--model", str(broken)]) == 2
+    assert "model/config.json" in capsys.readouterr().err
+    with pytest.raises(OSError, match="model/config.json"):
+        CGMLLMPipeline.from_pretrained(broken)
+    with pytest.raises(OSError, match="no config.json"):
+        CGMLLMForConditionalGeneration.from_pretrained(broken / "model")
+    assert not (tmp_path / "x.glb").exists()
+
+
+def test_gltf_outputs_are_self_contained_and_overwrite_is_announced(pipe_dir, tmp_path, capsys):
+    level = _iso_level(pipe_dir, "a round ball", steps=2, seed=1)
+    common = ["--model", str(pipe_dir), "--steps", "2", "--seed", "1", "--octree-resolution", "16", "--mc-level",
+              repr(level), "--quiet"]
+    first, second = tmp_path / "out" / "first.gltf", tmp_path / "out" / "second.gltf"
+    assert cli.main(["generate", "a round ball", "-o", str(first), *common]) == 0  # creates the folder
+    assert cli.main(["generate", "a round ball", "-o", str(second), *common]) == 0
+    out = capsys.readouterr().out
+    assert out.count("wrote") == 2 and "buffers embedded" in out and "overwrote" not in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["first.gltf", "second.gltf"]  # no .bin files
+    for path in (first, second):
+        assert len(trimesh.load(path, force="mesh").faces) > 0
+    assert cli.main(["generate", "a round ball", "-o", str(first), *common]) == 0
+    assert capsys.readouterr().out.startswith(f"overwrote {first} ")
+
+
+def test_progress_bars_quiet_and_threads(pipe_dir, tmp_path, capsys):
+    level = _iso_level(pipe_dir, "a round ball", steps=2, seed=1)
+    args = ["generate", "a round ball", "-o", str(tmp_path / "x.ply"), "--model", str(pipe_dir), "--steps", "2",
+            "--seed", "1", "--octree-resolution", "16", "--mc-level", repr(level), "--threads", "1"]
+    threads = torch.get_num_threads()
+    capsys.readouterr()  # the bars of `_iso_level`'s own loading
+    try:
+        assert cli.main(args) == 0
+        assert torch.get_num_threads() == 1
+        err = capsys.readouterr().err
+        assert "denoising" in err and "2/2" in err and "meshing" in err
+        assert "Loading weights" not in err
+        assert cli.main(args + ["--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert "denoising" not in err and "meshing" not in err
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 <= cli.default_num_threads() <= 8
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--threads", "0"])
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_one_line_and_writes_nothing(pipe_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CGMLLMPipeline, "__call__", interrupted)
+    output = tmp_path / "x.glb"
+    assert cli.main(["generate", "a ball", "-o", str(output), "--model", str(pipe_dir), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "cgmllm generate: interrupted; nothing written."
+    assert not output.exists()
+
+
+def test_mesh_caption_of_an_unfamiliar_real_mesh_stops_instead_of_repeating(capsys):
+    # The shipped model captions the real airplane (nothing like its procedural shapes) with "... lying on its side
+    # pyramid lying pyramid lying ..." up to the token limit, never emitting its end token (repetition penalties and
+    # n-gram bans only vary the loop). The caption now ends where the loop starts.
+    from cgmllm.pipelines import CGMLLMPipeline as Pipeline
+    from cgmllm.pipelines.pipeline_cgmllm import cut_immediate_repeat
+
+    pipe = Pipeline.from_pretrained(cli.default_model_dir())
+    pipe.set_progress_bar_config(disable=True)
+    tokenizer = pipe.processor.tokenizer
+    looping = pipe.caption(mesh=real_mesh_path("airplane.ply"), max_new_tokens=64, stop_on_repetition=False)[0]
+    caption = pipe.caption(mesh=real_mesh_path("airplane.ply"), max_new_tokens=64)[0]
+    assert len(tokenizer(looping, add_special_tokens=False)["input_ids"]) >= 60  # the loop this guards against
+    tokens = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    assert len(tokens) < 30 and looping.startswith(caption), caption
+    for end in range(len(tokens) + 1):  # no span of 2+ tokens written twice back to back
+        for span in range(2, end // 2 + 1):
+            assert tokens[end - span : end] != tokens[end - 2 * span : end - span], caption
+    # The cut itself: end token first, then the first back-to-back repeat of 2+ tokens; single tokens may repeat.
+    assert cut_immediate_repeat([5, 6, 6, 7, 8, 7, 8, 7, 8], {2}) == [5, 6, 6, 7, 8]
+    assert cut_immediate_repeat([5, 6, 2, 7, 8, 7, 8], {2}) == [5, 6]
+    assert cut_immediate_repeat([5, 6, 7], {2}) == [5, 6, 7]

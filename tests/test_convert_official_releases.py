@@ -162,3 +162,17 @@ def test_release_errors_are_clear(tmp_path, folders):
     (tmp_path / "not.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="not a safetensors checkpoint"):
         _convert(tmp_path, tmp_path / "not.safetensors", qwen2b)
+
+
+def test_build_reads_every_size_from_the_qwen_folder(tmp_path, folders):
+    from cgmllm.training.convert import build_main
+
+    qwen, vocab = folders["4b"]
+    save_file(tiny_vae().state_dict(), str(tmp_path / "vae.safetensors"))
+    model, processor, _, _ = build_main(["--qwen3-vl", str(qwen), "--shape-vae", str(tmp_path / "vae.safetensors"),
+                                         "--out", str(tmp_path / "init"), "--num-shape-tokens", "8"])
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size) == (48, 3, 40)
+    assert model.config.point_feature_dim is None  # a fresh build has no PointBERT connector
+    assert processor.image_preprocessing == "qwen3_vl"  # trained from scratch with the Qwen3-VL rule
+    assert processor.special_token_ids["obj_pad_token_id"] == vocab + 2

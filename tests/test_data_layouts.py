@@ -67,7 +67,7 @@ def processor():
     return tiny_processor()
 
 
-# 1. CG-MLLM t500k ------------------------------------------------------------------------------------------------------
+# 1. CG-MLLM t500k -----------------------------------------------------------------------------------------------------
 def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_path):
     arrays = write_t500k_folder(tmp_path / "CGMLLM_t500k_github")
     ds = load_caption_dataset(tmp_path / "CGMLLM_t500k_github")
@@ -77,7 +77,8 @@ def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_pa
     assert ds[1]["captions"] == ["object number 1", "thing 1"] and ds[1]["images"][1].size == (24, 16)
 
     uid = ds[1]["uid"]
-    surface = example_surface(ds[1], 200, 0, seed=3).numpy()
+    pools = {"pc_size": 200, "pc_sharpedge_size": 0}
+    surface = example_surface(ds[1], pools, seed=3).numpy()
     stored = arrays[uid]["random_surface"].astype(np.float32)
     assert surface.shape == (200, 7) and (surface[:, 6] == 0).all()
     # Drawn without replacement from `random_surface`, xyz untouched (no re-normalisation), normals made unit length.
@@ -86,7 +87,7 @@ def test_t500k_folder_loads_as_released_and_surfaces_are_used_as_they_are(tmp_pa
     np.testing.assert_allclose(np.linalg.norm(surface[:, 3:6], axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(surface[:, 3:6] * np.linalg.norm(stored[rows, 3:6], axis=1, keepdims=True),
                                stored[rows, 3:6], rtol=1e-5, atol=1e-6)
-    assert np.array_equal(example_surface(ds[1], 200, 0, seed=3), example_surface(ds[1], 200, 0, seed=3))
+    assert np.array_equal(example_surface(ds[1], pools, seed=3), example_surface(ds[1], pools, seed=3))
 
 
 def test_t500k_sketchfab_without_captions_serves_image_to_shape_only(tmp_path, processor):
@@ -171,7 +172,7 @@ def test_hunyuan3d_surfaces_fill_the_uniform_and_sharp_pools(tmp_path):
     arrays = write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
     ds = load_caption_dataset(tmp_path)
     assert ds.column_names == ["uid", "caption", "surface_file"] and ds["caption"][1] == "a shape called b2"
-    surface = example_surface(ds[0], 64, 32, seed=0).numpy()
+    surface = example_surface(ds[0], {"pc_size": 64, "pc_sharpedge_size": 32}, seed=0).numpy()
     assert surface.shape == (96, 7)
     assert (surface[:64, 6] == 0).all() and (surface[64:, 6] == 1).all()
     stored = {key: value.astype(np.float32) for key, value in arrays["a1"].items()}
@@ -183,6 +184,24 @@ def test_hunyuan3d_surfaces_fill_the_uniform_and_sharp_pools(tmp_path):
     assert np.isfinite(np.asarray(cache["latents"])).all() and np.asarray(cache["latents"]).shape == (2, 4, 8)
 
 
+def test_hunyuan3d_render_views_become_images_and_a_spec_is_detected(tmp_path, processor):
+    write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
+    renders = tmp_path / "preprocessed" / "a1" / "render_cond"
+    renders.mkdir()
+    for index in (1, 0):
+        (renders / f"{index:03d}.png").write_bytes(_png(index))
+    (renders / "transforms.json").write_text("{}")
+    ds = load_caption_dataset({"captions": tmp_path / "captions.csv", "shapes": tmp_path / "preprocessed"})
+    assert ds.column_names == ["uid", "caption", "surface_file", "images"]
+    assert [image.size for image in ds[0]["images"]] == [(24, 16), (24, 16)] and ds[1]["images"] == []
+    assert np.array_equal(np.asarray(ds[0]["images"][0]), np.asarray(PILImage.open(io.BytesIO(_png(0)))))
+    cache = encode_dataset(ds, tiny_vae(), 4)
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"image_to_shape": 1.0, "text_to_shape": 1.0},
+                                  condition_dropout=0.0)
+    assert {collator.build_sample(row)["task"] for row in cache.select([1])} == {"text_to_shape"}  # no views
+    assert collator(list(cache))["shape_latents"].shape == (8, 8)
+
+
 def test_hunyuan3d_bad_npz_is_named(tmp_path):
     write_hunyuan3d_tree(tmp_path, ["a1", "b2"])
     np.savez(tmp_path / "preprocessed" / "b2" / "geo_data" / "b2_surface.npz", other=np.zeros(3))
@@ -190,15 +209,15 @@ def test_hunyuan3d_bad_npz_is_named(tmp_path):
         load_caption_dataset(tmp_path, layout="hunyuan3d")
 
 
-# 3. PointLLM -----------------------------------------------------------------------------------------------------------
+# 3. PointLLM ----------------------------------------------------------------------------------------------------------
 def write_pointllm_folder(root: Path, ids, num_points=8192) -> dict:
     (root / "8192_npy").mkdir(parents=True)
     rng = np.random.default_rng(2)
     clouds = {}
     with open(root / "PointLLM_brief_description_660K_filtered.jsonl", "w") as handle:
         for i, object_id in enumerate(ids):
-            clouds[object_id] = np.concatenate([rng.normal(3.0, 2.0, (num_points, 3)), rng.uniform(0, 1, (num_points, 3))],
-                                               1).astype(np.float32)
+            xyz, rgb = rng.normal(3.0, 2.0, (num_points, 3)), rng.uniform(0, 1, (num_points, 3))
+            clouds[object_id] = np.concatenate([xyz, rgb], 1).astype(np.float32)
             np.save(root / "8192_npy" / f"{object_id}_8192.npy", clouds[object_id])
             record = {"object_id": object_id, "conversations": [
                 {"from": "human", "value": "<point>\nWhat is this?" if i % 2 else "Summarize this object.\n<point>"},
@@ -228,7 +247,7 @@ def test_pointllm_clouds_are_normalised_for_pointbert(tmp_path):
     assert [r["uid"] for r in rows] == ds["uid"]
     np.testing.assert_array_equal(np.asarray(rows[0]["point_cloud"]), cloud)
     with pytest.raises(ValueError, match="PointBERT cloud"):
-        example_surface(ds[0], 16)
+        example_surface(ds[0], {"pc_size": 16, "pc_sharpedge_size": 0})
     with pytest.raises(ValueError, match="PointBERT clouds .* nothing to encode"):
         encode_dataset(ds, tiny_vae(), 4)
 
@@ -244,9 +263,12 @@ def test_pointllm_missing_cloud_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [r["uid"] for r in load_caption_dataset(tmp_path, streaming=True, skip_bad_samples=True)] == ["a"]
     assert "Skipping Bad sample 'b'" in caplog.text
+    (tmp_path / "more.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"A PointLLM folder must hold exactly one \*.jsonl file; .* has 2"):
+        load_caption_dataset(tmp_path, layout="pointllm")
 
 
-# 4. Arrow features, num_proc, streaming of the other layouts ------------------------------------------------------------
+# 4. Arrow features, num_proc, streaming of the other layouts ----------------------------------------------------------
 def test_cap3d_point_clouds_are_array2d_and_num_proc_gives_the_same_rows(tmp_path):
     rng = np.random.default_rng(3)
     (tmp_path / "shapes").mkdir()
@@ -278,7 +300,7 @@ def test_meshfolder_and_parquet_stream(tmp_path):
     assert [row["uid"] for row in rows] == ["0", "1"] and rows[1]["mesh"]["bytes"][:4] == b"glTF"
 
 
-# 5. Issue 18 item 8: nothing dropped without a word ---------------------------------------------------------------------
+# 5. Issue 18 item 8: nothing dropped without a word -------------------------------------------------------------------
 def test_mesh_files_named_by_no_metadata_row_are_warned_about_by_name(tmp_path, caplog):
     folder = Path(write_mesh_folder(tmp_path / "m", names=["box", "ball"]))
     primitive_mesh("cone").export(folder / "orphan_cone.glb")
@@ -368,7 +390,8 @@ def test_a_batch_cannot_mix_clouds_and_shapes(tmp_path, processor):
     write_pointllm_folder(tmp_path / "p", ["a"], num_points=64)
     cloud = load_caption_dataset(tmp_path / "p")[0]
     shape = {"uid": "s", "caption": "a box", "latents": np.zeros((4, 8), np.float32)}
-    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0}, point_encoder=_tiny_point_encoder())
+    collator = CGMLLMDataCollator(processor, 4, task_weights={"shape_caption": 1.0},
+                                  point_encoder=_tiny_point_encoder())
     with pytest.raises(ValueError, match="mixes PointBERT clouds \\('a'\\) with ShapeVAE shapes"):
         collator([shape, cloud])
 
@@ -387,3 +410,31 @@ def test_a_rewritten_shape_file_is_read_again_not_served_from_the_cache(tmp_path
     np.save(tmp_path / "p" / "8192_npy" / "a_8192.npy", clouds["a"][::-1].copy())
     again = load_caption_dataset(tmp_path / "p").with_format("numpy")[0]["point_cloud"]
     np.testing.assert_allclose(again, first[::-1], atol=1e-6)
+
+
+def test_pointllm_set_through_cgmllm_preprocess_and_cgmllm_train(tmp_path):
+    import torch
+
+    from cgmllm.training.cli import train_main
+
+    write_pointllm_folder(tmp_path / "pointllm", ["a", "b", "c"], num_points=64)
+    with pytest.raises(ValueError, match="drop --shape-vae"):
+        preprocess_main(["--data", str(tmp_path / "pointllm"), "--shape-vae", "x", "--out", str(tmp_path / "c0")])
+    cache = preprocess_main(["--data", str(tmp_path / "pointllm"), "--out", str(tmp_path / "cache")])
+    assert cache.column_names == ["uid", "caption", "question", "point_cloud"] and len(cache) == 3
+    _tiny_point_encoder().save_pretrained(tmp_path / "point_encoder")
+
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
+    common = ["--config", str(config), "--set", f"data.path={tmp_path / 'cache'}",
+              "--set", "tasks={shape_caption: 1.0}", "--set", "model.tiny.point_feature_dim=16"]
+    with pytest.raises(ValueError, match="set `point_encoder`"):
+        train_main(common + ["--set", f"output_dir={tmp_path / 'run0'}"])
+    model, results = train_main(common + ["--set", f"output_dir={tmp_path / 'run'}",
+                                          "--set", f"point_encoder={tmp_path / 'point_encoder'}"])
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in results)
+    from cgmllm import CGMLLMForConditionalGeneration
+
+    final = CGMLLMForConditionalGeneration.from_pretrained(results[-1]["final"])
+    fresh = [(torch.manual_seed(0), type(final)(final.config))[1].model.obj_und_connector.fc1.weight for _ in "ab"]
+    assert torch.equal(*fresh)  # the tiny model's initial weights (built as `model.tiny` builds it) ...
+    assert not torch.allclose(final.model.obj_und_connector.fc1.weight, fresh[0])  # ... moved: the connector trained

@@ -116,10 +116,11 @@ def test_simcse_similarity_from_a_local_folder(wordnet, tmp_path):
 
 def test_sbert_similarity_from_a_local_folder(wordnet, tmp_path):
     sentence_transformers = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models  # a lazily imported submodule in sentence-transformers >= 6
     (tmp_path / "bert").mkdir()
     folder = tiny_simcse(tmp_path / "bert")
-    encoder = sentence_transformers.models.Transformer(str(folder))
-    pooling = sentence_transformers.models.Pooling(encoder.get_word_embedding_dimension())
+    encoder = models.Transformer(str(folder))
+    pooling = models.Pooling(encoder.get_word_embedding_dimension())
     sentence_transformers.SentenceTransformer(modules=[encoder, pooling]).save(str(tmp_path / "sbert"))
     result = caption_metrics(["a red car"], ["a red car"], wordnet=wordnet, sbert_model=tmp_path / "sbert")
     assert result["scores"]["sbert_similarity"] == pytest.approx(100.0, abs=1e-3)

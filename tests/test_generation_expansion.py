@@ -53,7 +53,7 @@ def test_sampled_return_sequences_see_their_own_image(tiny_model):
     # Two prompts with different image sizes: patches are flattened over the batch like the latent rows.
     grids = torch.tensor([[1, 2, 2], [1, 2, 4]])
     generator = torch.Generator().manual_seed(2)
-    pixels = [torch.randn(4, 3 * 2 * 16 * 16, generator=generator), torch.randn(8, 3 * 2 * 16 * 16, generator=generator)]
+    pixels = [torch.randn(count, 3 * 2 * 16 * 16, generator=generator) for count in (4, 8)]
     rows = [[11, VISION_START] + [IMAGE] * 4 + [VISION_END, 12], [VISION_START] + [IMAGE] * 8 + [VISION_END]]
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])

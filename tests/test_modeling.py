@@ -1,5 +1,6 @@
 """Core model: Qwen3-VL parity, hybrid mask, permutation equivariance, remote code, training step, bad input."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,15 @@ from conftest import (
     tiny_text_config,
     tiny_vision_config,
 )
-from transformers import AutoConfig, AutoModel, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
-from cgmllm import CGMLLMConfig, CGMLLMForConditionalGeneration
+from cgmllm import CGMLLMConfig, CGMLLMForConditionalGeneration, CGMLLMModel
 from cgmllm.masking_cgmllm import create_hybrid_attention_mask, hybrid_mask_function
 
 
@@ -258,23 +265,35 @@ def test_save_and_load_with_remote_code_without_the_package(tmp_path, tiny_model
         expected = tiny_model(input_ids=input_ids, shape_latents=latents, shape_timesteps=timesteps)
     torch.save({"input_ids": input_ids, "latents": latents, "timesteps": timesteps}, tmp_path / "inputs.pt")
 
-    # Same process, package imported: the registered class wins.
-    loaded = AutoModel.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    # Same process, package imported: the registered classes win. As for Qwen3-VL, AutoModel is the base model.
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
     assert type(loaded) is CGMLLMForConditionalGeneration
+    base = AutoModel.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    assert type(base) is CGMLLMModel
+    torch.testing.assert_close(base.obj2llm.weight, tiny_model.model.obj2llm.weight, rtol=0, atol=0)
+    auto_map = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_cgmllm.CGMLLMConfig",
+        "AutoModel": "modeling_cgmllm.CGMLLMModel",
+        "AutoModelForImageTextToText": "modeling_cgmllm.CGMLLMForConditionalGeneration",
+    }
 
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["cgmllm"] = None  # make the installed package unimportable
         import torch
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForImageTextToText
         try:
             import cgmllm
             raise SystemExit("cgmllm should not be importable here")
         except ImportError:
             pass
-        model = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+        model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        base = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        assert type(base).__name__ == "CGMLLMModel", type(base)
+        assert torch.equal(base.obj2llm.weight, model.model.obj2llm.weight)
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             out = model(input_ids=inputs["input_ids"], shape_latents=inputs["latents"],

@@ -329,3 +329,19 @@ def test_bad_caption_inputs_raise(pipe, tmp_path, image):
         pipe.caption(mesh=broken)
     with pytest.raises(ValueError):
         pipe.caption(mesh=tmp_path / "missing.obj")
+
+
+def test_prompts_longer_than_the_trained_context_warn(pipe, monkeypatch):
+    import cgmllm.pipelines.pipeline_cgmllm as pipeline_module
+
+    warnings = []
+    monkeypatch.setattr(pipeline_module.logger, "warning", lambda message: warnings.append(message))
+    monkeypatch.setattr(pipe.model.config, "max_prompt_tokens", 12)
+    kwargs = dict(num_inference_steps=1, output_type="latent", generator=_seed())
+    pipe("a red car", **kwargs)
+    assert warnings == []
+    pipe(["a red car", "a tall cylinder on a flat box " * 3], **kwargs)
+    assert len(warnings) == 1 and "1 prompt(s)" in warnings[0] and "(12 tokens)" in warnings[0]
+    monkeypatch.setattr(pipe.model.config, "max_prompt_tokens", None)  # unknown: only the position limit counts
+    pipe("a tall cylinder on a flat box " * 3, **kwargs)
+    assert len(warnings) == 1

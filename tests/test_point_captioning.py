@@ -124,3 +124,28 @@ def test_components_that_disagree_are_a_clear_error(pipe):
     expected = pipe.processor.special_token_ids["obj_pad_token_id"]
     with pytest.raises(ValueError, match=f"obj_pad_token_id: processor {expected} vs model 3"):
         check_component_agreement({"model": other.model, "processor": other.processor}, "a folder")
+
+
+def test_point_encoder_loads_as_remote_code_without_the_package(pipe, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    pipe.save_pretrained(tmp_path / "p")
+    np.save(tmp_path / "cloud.npy", np.random.RandomState(1).rand(64, 6).astype(np.float32))
+    expected = pipe.caption(mesh=str(tmp_path / "cloud.npy"), max_new_tokens=3)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["cgmllm"] = None  # the installed package must not be needed
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "p")!r}, trust_remote_code=True)
+        assert type(pipe.point_encoder).__name__ == "PointBERTEncoder", type(pipe.point_encoder)
+        assert not type(pipe.point_encoder).__module__.startswith("cgmllm"), type(pipe.point_encoder).__module__
+        print(repr(pipe.caption(mesh={str(tmp_path / "cloud.npy")!r}, max_new_tokens=3)))
+        """
+    )
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == repr(expected)

@@ -432,6 +432,29 @@ def test_hierarchical_equals_dense_on_tiny_vae_field(nut):
     assert np.abs(meshes["dense"].vertices).max() <= 1.01 + 1e-6
 
 
+def test_field_fn_projects_the_latents_once_with_the_same_values(nut):
+    model = tiny_vae(seed=1)
+    with torch.no_grad():
+        latents = model.encode(tiny_surface(nut)[None], generator=torch.Generator().manual_seed(0)).mode()
+        features = model.decode(latents)
+        xyz = torch.rand(500, 3) * 2 - 1
+        expected = model.query(features, xyz[None])[0]
+    calls = []
+    c_kv = model.geo_decoder.cross_attn_decoder.attn.c_kv
+    handle = c_kv.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    try:
+        field = model.field_fn(features)
+        values = [field(xyz) for _ in range(3)]
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # once per object, not once per chunk of queries
+    for value in values:
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    reported = []
+    model.latents_to_mesh(latents, octree_resolution=16, mc_level=0.0, progress_callback=reported.append)
+    assert sum(reported) > 0 and all(n > 0 for n in reported)  # every chunk of field queries is reported
+
+
 def test_latents_to_mesh_empty_field_gives_empty_mesh():
     model = tiny_vae()
     meshes = model.latents_to_mesh(torch.randn(2, 8, 8), octree_resolution=8, mc_level=1e6)

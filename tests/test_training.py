@@ -303,6 +303,14 @@ def test_example_config_runs_all_stages(tmp_path, mesh_folder):
 
     final = CGMLLMForConditionalGeneration.from_pretrained(results[-1]["final"])
     torch.testing.assert_close(final.llm2obj.weight, model.llm2obj.weight)
+    # The longest text -> 3D prompt of the data is saved with the model (the pipeline warns beyond it).
+    from cgmllm import CGMLLMProcessor
+
+    processor = CGMLLMProcessor.from_pretrained(results[-1]["final"])
+    captions = load_caption_dataset(mesh_folder)["caption"]
+    longest = max(len(processor.tokenizer(processor.text_to_shape_prompt(c), add_special_tokens=False)["input_ids"])
+                  for c in captions)
+    assert final.config.max_prompt_tokens == longest > 0
     # Stage 2 started from stage 1's weights: its first logged loss is not the fresh-model loss.
     assert results[1]["log_history"][0]["learning_rate"] == pytest.approx(1e-3)
 

@@ -35,7 +35,8 @@ SCRIPT = textwrap.dedent(
     trainer.train()
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     result = {"world_size": args.world_size, "rank": args.process_index, "checksum": checksum,
-              "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+              "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+              "terms": [(e["lm_loss"], e["flow_loss"]) for e in trainer.state.log_history if "loss" in e]}
     with open(os.path.join(out, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(result, handle)
     torch.distributed.destroy_process_group()  # as cgmllm-train does: implicit teardown at exit can abort
@@ -60,6 +61,12 @@ def test_two_process_gloo_ddp_training(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert len(ranks[0]["losses"]) == 3 and all(loss == loss for loss in ranks[0]["losses"])
+    # The logged terms are global like `loss` (summed over both processes' shares), not rank 0's share.
+    for rank in ranks:
+        for loss, (lm_loss, flow_loss) in zip(rank["losses"], rank["terms"]):
+            assert lm_loss > 0 and flow_loss > 0
+            assert lm_loss + flow_loss == pytest.approx(loss, rel=1e-4, abs=1e-5)
+    assert ranks[0]["terms"] == ranks[1]["terms"]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)  # gradients all-reduced
     # The checkpoint, staged then renamed, holds both processes' RNG states and the EMA; nothing is left half-written.
     checkpoint = tmp_path / "checkpoint-2"

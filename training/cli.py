@@ -9,6 +9,9 @@ Top-level keys (anything else is an error):
     shape_vae    ShapeVAE folder / Hunyuan3D checkpoint, or "tiny"; needed unless `data` is a latent cache
     data         {path, layout, caption_column, skip_bad_samples, streaming, num_proc}; a `cgmllm-preprocess` cache
                  folder is used as is; `streaming: true` reads (and encodes) the data lazily (stages need max_steps)
+    point_encoder  a saved `PointBERTEncoder` folder (a pipeline's `point_encoder/`) or PointLLM's
+                 `point_bert_v1.1.pt`: needed when `data` is PointLLM's caption set (captioning through the model's
+                 `obj_und_connector`; `model.tiny.point_feature_dim` gives a tiny model one)
     tasks        task weights for the collator (text_to_shape, image_to_shape, shape_caption, image_caption)
     ema_decay    EMA of the weights (e.g. 0.9999), saved as ema.safetensors with every checkpoint and each stage's
                  final folder; one EMA runs through all stages
@@ -45,14 +48,15 @@ from .stages import expand_stages
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"output_dir", "seed", "model", "shape_vae", "data", "tasks", "ema_decay", "ema_restart_on_missing",
-                  "training", "stages"}
+                  "training", "stages", "point_encoder"}
 DATA_KEYS = {"path", "layout", "caption_column", "skip_bad_samples", "streaming", "num_proc"}
 MODEL_KEYS = {"pretrained", "tiny"}
 # Set by the stage, not by `training:`.
 STAGE_OWNED = {"output_dir", "learning_rate", "max_steps", "num_train_epochs", "seed", "remove_unused_columns"}
 # The config's schema: the type(s) each value may have ("a|b"; "list[x]" is a list of x; "null" is None).
 TYPES = {
-    "output_dir": "str", "seed": "int", "model": "mapping", "shape_vae": "str|null", "data": "mapping",
+    "output_dir": "str", "seed": "int", "model": "mapping", "shape_vae": "str|null", "point_encoder": "str|null",
+    "data": "mapping",
     "tasks": "mapping", "ema_decay": "float|null", "ema_restart_on_missing": "bool", "training": "mapping",
     "stages": "list",
     "data.path": "str", "data.layout": "str", "data.caption_column": "str", "data.skip_bad_samples": "bool",
@@ -65,7 +69,7 @@ STAGE_TYPES = {
     "max_tokens": "int|null", "task_weights": "mapping|null", "per_device_train_batch_size": "int|null",
     "gradient_accumulation_steps": "int|null",
 }
-PATH_KEYS = ("output_dir", "data.path", "shape_vae", "model.pretrained")
+PATH_KEYS = ("output_dir", "data.path", "shape_vae", "model.pretrained", "point_encoder")
 
 
 def _coerce(value, option: str):
@@ -253,6 +257,21 @@ def build_components(config: dict):
     return model, processor, dataset, vae
 
 
+def load_point_encoder(path):
+    """A frozen `PointBERTEncoder` from a saved folder (`config.json`) or a PointLLM checkpoint (`*.pt`)."""
+    from cgmllm import PointBERTEncoder
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        encoder = PointBERTEncoder.from_pretrained(path)
+    elif os.path.isfile(path):
+        encoder = PointBERTEncoder.from_pointllm(path)
+    else:
+        raise ValueError(f"point_encoder {path} is neither a saved PointBERTEncoder folder (config.json) nor a "
+                         "PointLLM checkpoint file (point_bert_v1.1.pt).")
+    return encoder.eval().requires_grad_(False)
+
+
 def _resume_plan(config: dict, resume) -> tuple[int, str | None]:
     """`(index of the first stage to train, checkpoint to resume it from or None)` for `resume` = None / True /
     a checkpoint folder (see the module docstring)."""
@@ -294,6 +313,21 @@ def _stage_result(stage, final, train_loss, log_history, resumed_from=None, skip
             "log_history": log_history, "final": final, "resumed_from": resumed_from, "skipped": skipped}
 
 
+def record_longest_prompt(model, processor, dataset) -> None:
+    """Set `model.config.max_prompt_tokens` to the longest text -> 3D prompt (template included) this data gives, or
+    keep a longer value the model already has: the pipeline warns for prompts beyond it. Streamed data is skipped
+    (it cannot be read twice)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "caption" not in dataset.column_names or len(dataset) == 0:
+        return
+    prompts = [processor.text_to_shape_prompt(caption) for caption in dataset["caption"] if caption]
+    if not prompts:
+        return
+    longest = max(len(ids) for ids in processor.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    model.config.max_prompt_tokens = max(longest, model.config.max_prompt_tokens or 0)
+
+
 def run_stages(config: dict, resume=None):
     """Train every stage in order; each continues from the weights (and EMA) the previous stage ended with.
 
@@ -309,6 +343,11 @@ def run_stages(config: dict, resume=None):
 
     first, checkpoint = _resume_plan(config, resume)
     model, processor, dataset, vae = build_components(config)
+    record_longest_prompt(model, processor, dataset)
+    point_encoder = load_point_encoder(config["point_encoder"]) if config.get("point_encoder") else None
+    if "point_cloud" in dataset.column_names and point_encoder is None:
+        raise ValueError("The data holds PointBERT clouds (PointLLM's caption set): set `point_encoder` (a saved "
+                         "PointBERTEncoder folder or PointLLM's point_bert_v1.1.pt) to caption them.")
     seed = int(config.get("seed", 0))
     ema_decay = config.get("ema_decay")
     ema_state = None
@@ -341,7 +380,7 @@ def run_stages(config: dict, resume=None):
                                      "previous stage; set `ema_restart_on_missing: true` to restart it.")
         n = stage.num_shape_tokens
         train_data = dataset
-        if not {f"latents_{n}", "latents"} & set(dataset.column_names):
+        if "point_cloud" not in dataset.column_names and not {f"latents_{n}", "latents"} & set(dataset.column_names):
             if vae is None:
                 raise ValueError(f"Stage {stage.name!r}: the data has no latents for N={n} and no `shape_vae` is set.")
             if n not in encoded:
@@ -350,7 +389,8 @@ def run_stages(config: dict, resume=None):
         collator = CGMLLMDataCollator(
             processor, n, task_weights=stage.task_weights or config.get("tasks") or
             {"text_to_shape": 1.0, "shape_caption": 1.0}, condition_dropout=stage.condition_dropout,
-            max_tokens=stage.max_tokens, seed=seed,
+            max_tokens=stage.max_tokens, seed=seed, point_encoder=point_encoder,
+            shape_block_size=model.config.shape_block_size,
         )
         training = dict(config.get("training") or {})
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):

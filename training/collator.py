@@ -49,6 +49,10 @@ class CGMLLMDataCollator:
             model's `obj_und_connector` instead of `shape_latents` (one kind per batch: the model takes one).
         return_uids: add `sample_uids` (the batch's sample ids, in order) to the batch. `CGMLLMTrainer` turns it on
             to name the samples of a batch whose loss is not finite, and removes the key before the forward.
+        shape_block_size: the model's `config.shape_block_size`. When it is smaller than `num_shape_tokens`, the
+            generation tasks lay their object out block-wise (`CGMLLMProcessor.blockwise_shape_layout`: a noisy and a
+            clean copy of every block, block-causal), the layout the pipeline then samples block by block, and the
+            batch carries `shape_block_ids`. None (or N) keeps one block per object (the released model).
 
     Latents that are not finite (read from the cache or encoded here) raise a `ValueError` naming the sample.
     """
@@ -64,6 +68,7 @@ class CGMLLMDataCollator:
     epoch: int = 0
     return_uids: bool = False
     point_encoder: object = None
+    shape_block_size: int | None = None
 
     def __post_init__(self):
         unknown = set(self.task_weights) - set(TASKS)
@@ -73,6 +78,12 @@ class CGMLLMDataCollator:
             raise ValueError(f"At least one task needs a positive weight, got {self.task_weights}.")
         if not 0.0 <= self.condition_dropout <= 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1], got {self.condition_dropout}.")
+        block = self.shape_block_size
+        if block is not None and (block <= 0 or self.num_shape_tokens % block):
+            raise ValueError(
+                f"shape_block_size={block} (the model's config) must be a positive divisor of this stage's "
+                f"num_shape_tokens={self.num_shape_tokens}."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -99,9 +110,8 @@ class CGMLLMDataCollator:
             from .data import example_surface
             from .preprocess import encode_latents
 
-            config = self.vae.config
-            points = self.num_surface_points or config.pc_size
-            surface = example_surface(example, points, config.pc_sharpedge_size, seed=self.seed)[None]
+            surface = example_surface(example, self.vae.config, seed=self.seed,
+                                      num_points=self.num_surface_points)[None]
             check_finite_samples(surface, [example.get("uid")], "The surface points")
             latents = encode_latents(self.vae, surface, n, seed=self.seed)
             check_finite_samples(latents, [example.get("uid")], f"The ShapeVAE latents (N={n})")
@@ -171,28 +181,68 @@ class CGMLLMDataCollator:
         else:
             prompt, target = processor.image_caption_prompt(), processor.caption_target(caption)
             images = [self._image(example, rng)]
+        has_shape = "<shape>" in prompt
         point_features = None
-        if "<shape>" in prompt and example.get("point_cloud") is not None:
+        if has_shape and example.get("point_cloud") is not None:
             point_features = self._point_features(example)
         num_rows = self.num_shape_tokens if point_features is None else point_features.shape[0]
+        blockwise = (task in GENERATION_TASKS and self.shape_block_size is not None
+                     and self.shape_block_size < self.num_shape_tokens)
+        if blockwise:  # the generated object closes the prompt: its block-wise layout replaces `<shape>`
+            prompt = prompt[: -len("<shape>")]
         encoded = processor(text=prompt, images=images, num_shape_tokens=num_rows, padding=False)
         input_ids = encoded["input_ids"][0].tolist()
         labels = [-100] * len(input_ids)
         if target is not None:
             target_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
             input_ids, labels = input_ids + target_ids, labels + target_ids
-        has_shape = "<shape>" in prompt
+        latents = self._latents(example) if has_shape and point_features is None else None
+        loss_mask, block_ids = task in GENERATION_TASKS, None
+        if blockwise:
+            layout = processor.blockwise_shape_layout(self.num_shape_tokens, self.shape_block_size)
+            block_ids = [-1] * len(input_ids) + layout["shape_block_ids"]
+            input_ids = input_ids + layout["input_ids"]
+            labels = labels + [-100] * len(layout["input_ids"])
+            latents = latents[torch.tensor(layout["latent_index"])]  # noisy and clean copies of every block
+            loss_mask = torch.tensor(layout["shape_loss_mask"])  # flow loss on the noisy copies only
         return {
             "uid": example.get("uid"),
             "input_ids": input_ids,
             "labels": labels,
-            "latents": self._latents(example) if has_shape and point_features is None else None,
+            "latents": latents,
             "point_features": point_features,
-            "loss_mask": task in GENERATION_TASKS,
+            "loss_mask": loss_mask,
+            "shape_block_ids": block_ids,
             "pixel_values": encoded.get("pixel_values"),
             "image_grid_thw": encoded.get("image_grid_thw"),
             "task": task,
         }
+
+    def _marker_block_ids(self, input_ids: list[int]) -> list[int]:
+        """Block id per token from the `<|obj_start|> ... <|obj_end|>` spans (the model's own rule), -1 outside."""
+        processor = self.processor
+        start, end = processor.token_id(processor.obj_start_token), processor.token_id(processor.obj_end_token)
+        ids, current, inside = [], -1, False
+        for token in input_ids:
+            if token == start:
+                current, inside = current + 1, True
+            ids.append(current if inside else -1)
+            if token == end:
+                inside = False
+        return ids
+
+    def _batch_block_ids(self, rows: list[list[dict]], width: int) -> torch.LongTensor:
+        """`(rows, width)` block ids: each sample's own (block-wise layouts) or its markers', numbered on along the
+        packed row so that no two blocks of a row share an id; -1 outside blocks and on padding."""
+        block_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            position, offset = 0, 0
+            for sample in row:
+                ids = torch.tensor(sample["shape_block_ids"] or self._marker_block_ids(sample["input_ids"]))
+                block_ids[r, position:position + len(ids)] = torch.where(ids >= 0, ids + offset, ids)
+                offset += int(ids.max()) + 1 if bool((ids >= 0).any()) else 0
+                position += len(ids)
+        return block_ids
 
     # ------------------------------------------------------------------------------------------------------------
     def _pack(self, samples: list[dict]) -> list[list[dict]]:
@@ -236,7 +286,8 @@ class CGMLLMDataCollator:
                 # Row-major order of `<|obj_pad|>` and image tokens = row, then sample order within the row.
                 if sample["latents"] is not None:
                     latents.append(sample["latents"])
-                    loss_mask.append(torch.full((sample["latents"].shape[0],), sample["loss_mask"]))
+                    flags = sample["loss_mask"]
+                    loss_mask.append(flags if torch.is_tensor(flags) else torch.full((len(sample["latents"]),), flags))
                 if sample["point_features"] is not None:
                     point_features.append(sample["point_features"])
                 if sample["pixel_values"] is not None:
@@ -245,6 +296,8 @@ class CGMLLMDataCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.max_tokens is not None:
             batch["packed_sample_ids"] = sample_ids
+        if any(sample["shape_block_ids"] is not None for sample in samples):
+            batch["shape_block_ids"] = self._batch_block_ids(rows, width)
         if latents and point_features:
             raise ValueError(
                 "This batch mixes PointBERT clouds (" + ", ".join(repr(s["uid"]) for s in samples

@@ -15,7 +15,8 @@ and exactly one shape column
     point_cloud  Array2D((None, 6), float32)   xyz + rgb, normalised for PointBERT (PointLLM)
 and optionally the views of the object
     image        Image()              one view (meshfolder metadata `image` column: embedded bytes or a file name)
-    images       List(Image())        several views (t500k `image_list`); the collator draws one per sample and epoch
+    images       List(Image())        several views (t500k `image_list`, Hunyuan3D-2.1 `render_cond/*.png`); the
+                                      collator draws one per sample and epoch
 
 Layouts (`layout=`):
     meshfolder    `DIR/[split/]*.glb|ply|stl|obj|off` + `metadata.csv|jsonl|parquet` with `file_name` and a caption
@@ -25,7 +26,8 @@ Layouts (`layout=`):
                   meshes or `.npy` clouds named `<uid>.<ext>`: `{"captions": CSV, "shapes": DIR}`, or a folder with
                   exactly one `.csv` next to the shapes (or a `shapes/` subfolder). Duplicate uids keep their first
                   row and `NA` / `nan` / empty captions are dropped, each with a warning naming the uids.
-    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively).
+    hunyuan3d     the same CSV with Hunyuan3D-2.1's `<uid>_surface.npz` files (searched recursively). In its
+                  `<uid>/geo_data/` tree, the renders `<uid>/render_cond/*.png` become the `images` column.
     parquet       parquet file(s) with a caption column and a mesh column (a `Mesh()` struct or raw bytes).
     cgmllm_t500k  the official CG-MLLM 3D sets (see `cgmllm.training.official_data`).
     pointllm      PointLLM's caption set: `{"captions": JSONL, "shapes": 8192_npy/}`, or a folder holding one
@@ -115,8 +117,10 @@ def load_caption_dataset(
 
 def detect_layout(path_or_spec) -> str:
     if isinstance(path_or_spec, dict):
-        captions = str(path_or_spec.get("captions", ""))
-        return "pointllm" if captions.endswith((".jsonl", ".json")) else "cap3d"
+        if str(path_or_spec.get("captions", "")).endswith((".jsonl", ".json")):
+            return "pointllm"
+        shapes = Path(path_or_spec.get("shapes", ""))
+        return "hunyuan3d" if shapes.is_dir() and next(shapes.rglob(f"*{SURFACE_SUFFIX}"), None) else "cap3d"
     path = Path(path_or_spec)
     if path.is_file() and path.suffix == ".parquet" or "*" in str(path_or_spec):
         return "parquet"
@@ -347,25 +351,26 @@ def _meshfolder(folder, caption_column, split, image_column, validate, streaming
 # ----------------------------------------------------------------------------------------------------------------
 # Cap3D / Hunyuan3D-2.1: a header-less uid,caption CSV + shape files named by uid
 # ----------------------------------------------------------------------------------------------------------------
-def _caption_csv_and_shapes(spec) -> tuple[Path, Path]:
+def _captions_and_shapes(spec, pattern: str, shapes_of, what: str) -> tuple[Path, Path]:
+    """`{"captions": FILE, "shapes": DIR}`, or a folder holding exactly one `pattern` file (its shape folder is
+    `shapes_of(folder)`) -> both paths, checked."""
     if isinstance(spec, dict):
         unknown = set(spec) - {"captions", "shapes"}
         if unknown:
             raise ValueError(f"Unknown data spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        csv_path, shapes = Path(spec["captions"]), Path(spec["shapes"])
+        captions, shapes = Path(spec["captions"]), Path(spec["shapes"])
     else:
         folder = Path(spec)
-        csvs = sorted(folder.glob("*.csv"))
-        if len(csvs) != 1:
-            raise ValueError(f"A Cap3D / Hunyuan3D folder must hold exactly one uid,caption .csv; {folder} has "
-                             f"{len(csvs)}.")
-        csv_path = csvs[0]
-        shapes = folder / "shapes" if (folder / "shapes").is_dir() else folder
-    if not csv_path.is_file():
-        raise ValueError(f"Caption file {csv_path} does not exist.")
+        found = sorted(folder.glob(pattern))
+        if len(found) != 1:
+            raise ValueError(f"A {what} folder must hold exactly one {pattern} file; {folder} has {len(found)}. Pass "
+                             "{'captions': FILE, 'shapes': DIR} instead.")
+        captions, shapes = found[0], shapes_of(folder)
+    if not captions.is_file():
+        raise ValueError(f"Caption file {captions} does not exist.")
     if not shapes.is_dir():
         raise ValueError(f"Shape folder {shapes} does not exist.")
-    return csv_path, shapes
+    return captions, shapes
 
 
 def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
@@ -389,6 +394,16 @@ def _shape_index(shapes: Path, layout: str) -> tuple[dict[str, str], str]:
         wanted = f"<uid>{SURFACE_SUFFIX} files" if layout == "hunyuan3d" else "meshes or .npy point clouds"
         raise ValueError(f"{shapes} holds no {wanted}.")
     return index, kinds.pop()
+
+
+def _hunyuan3d_views(index: dict[str, str]) -> dict[str, list[str]]:
+    """uid -> the `*.png` renders of Hunyuan3D-2.1's `<uid>/render_cond/` next to `<uid>/geo_data/` (if any)."""
+    views = {}
+    for uid, surface_file in index.items():
+        folder = Path(surface_file).parent.parent / "render_cond"
+        if Path(surface_file).parent.name == "geo_data" and folder.is_dir():
+            views[uid] = sorted(str(path) for path in folder.glob("*.png"))
+    return {uid: paths for uid, paths in views.items() if paths}
 
 
 def _clean_caption_table(captions, streaming: bool):
@@ -426,7 +441,8 @@ def _clean_caption_table(captions, streaming: bool):
 
 
 def _captioned_shapes(spec, layout, validate, streaming, num_proc):
-    csv_path, shapes = _caption_csv_and_shapes(spec)
+    csv_path, shapes = _captions_and_shapes(spec, "*.csv", lambda f: f / "shapes" if (f / "shapes").is_dir() else f,
+                                            "Cap3D / Hunyuan3D")
     index, kind = _shape_index(shapes, layout)
     captions = load_dataset("csv", data_files=str(csv_path), column_names=["uid", "caption"], split="train",
                             keep_default_na=False, streaming=streaming,
@@ -444,6 +460,9 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
         shape_feature = {"mesh": Mesh(decode=False), "surface_file": Value("string")}[kind]
     features = Features({"uid": Value("string"), "caption": Value("string"), kind: shape_feature,
                          "_error": Value("string")})
+    views = _hunyuan3d_views(index) if layout == "hunyuan3d" else {}
+    if views:
+        features["images"] = List(Image())
 
     def rows(batch):
         out = {name: [] for name in features}
@@ -461,6 +480,8 @@ def _captioned_shapes(spec, layout, validate, streaming, num_proc):
                 error = _shape_error(kind, value) if validate else None
             for name, item in (("uid", uid), ("caption", caption), (kind, value), ("_error", error)):
                 out[name].append(item)
+            if views:
+                out["images"].append([{"path": view, "bytes": None} for view in views.get(uid, [])])
         return out
 
     return _derive(captions, rows, ["uid", "caption"], features, num_proc=num_proc, desc="Matching shapes",
@@ -530,22 +551,7 @@ def _t500k(folder, validate, streaming, num_proc):
 
 
 def _pointllm(spec, validate, streaming, num_proc):
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"captions", "shapes"}
-        if unknown:
-            raise ValueError(f"Unknown PointLLM spec keys {sorted(unknown)}; expected 'captions' and 'shapes'.")
-        jsonl, points_dir = Path(spec["captions"]), Path(spec["shapes"])
-    else:
-        folder = Path(spec)
-        candidates = sorted(folder.glob("*.jsonl"))
-        if len(candidates) != 1:
-            raise ValueError(f"A PointLLM folder must hold exactly one *.jsonl next to 8192_npy/; {folder} has "
-                             f"{len(candidates)}. Pass {{'captions': JSONL, 'shapes': DIR}} instead.")
-        jsonl, points_dir = candidates[0], folder / "8192_npy"
-    if not jsonl.is_file():
-        raise ValueError(f"PointLLM conversation file {jsonl} does not exist.")
-    if not points_dir.is_dir():
-        raise ValueError(f"PointLLM point-cloud folder {points_dir} does not exist.")
+    jsonl, points_dir = _captions_and_shapes(spec, "*.jsonl", lambda f: f / "8192_npy", "PointLLM")
     records = _known_features(load_dataset("json", data_files=str(jsonl), split="train", streaming=streaming))
     missing = [name for name in ("object_id", "conversations") if name not in records.column_names]
     if missing:
@@ -596,33 +602,31 @@ def _mesh_source(mesh: dict):
     return mesh["path"]
 
 
-def example_surface(example: dict, num_points: int, num_sharp_points: int = 0, seed: int = 0) -> torch.Tensor:
-    """The `(num_points + num_sharp_points, 7)` VAE input of one example (xyz, normal, sharp flag).
+def example_surface(example: dict, vae_config, seed: int = 0, num_points: int | None = None,
+                    num_sharp_points: int | None = None) -> torch.Tensor:
+    """The `(P, 7)` VAE input of one example (xyz, normal, sharp flag), with the VAE config's counts (`pc_size`
+    uniform + `pc_sharpedge_size` sharp, unless `num_points` / `num_sharp_points` override them).
 
-    `mesh`: normalised into the VAE cube, then sampled. `points`: drawn from the cloud. `surface` / `surface_file`
-    (t500k, Hunyuan3D-2.1): drawn from the stored surface samples as they are (the official loader normalises
-    nothing; `cgmllm.training.official_data`).
+    `mesh` / `points`: drawn by `mesh_utils.sample_vae_surface`, exactly as mesh captioning draws them (a mesh is
+    normalised into the VAE cube first). `surface` / `surface_file` (t500k, Hunyuan3D-2.1): drawn from the stored
+    surface samples as they are (the official loader normalises nothing; `cgmllm.training.official_data`).
     """
-    from cgmllm.mesh_utils import load_mesh, normalize_mesh, sample_surface
+    from cgmllm.mesh_utils import sample_vae_surface, vae_surface_sizes
 
-    total = num_points + num_sharp_points
     if example.get("surface") is not None or example.get("surface_file") is not None:
+        uniform, sharp = vae_surface_sizes(vae_config, num_points, num_sharp_points)
         source = example.get("surface")
         arrays = read_surface_npz(bytes(source) if source is not None else example["surface_file"])
-        return torch.from_numpy(surface_points(arrays, num_points, num_sharp_points, seed, example.get("uid")))
+        return torch.from_numpy(surface_points(arrays, uniform, sharp, seed, example.get("uid")))
     if example.get("points") is not None:
-        points = torch.as_tensor(np.asarray(example["points"], dtype=np.float32))
-        if points.shape[1] == 6:
-            points = torch.cat([points, torch.zeros(points.shape[0], 1)], dim=1)
-        generator = torch.Generator().manual_seed(seed)
-        return points[torch.randint(0, points.shape[0], (total,), generator=generator)]
-    if example.get("point_cloud") is not None:
+        source = np.asarray(example["points"], dtype=np.float32)
+    elif example.get("point_cloud") is not None:
         raise ValueError(f"Sample {example.get('uid')!r} holds a PointBERT cloud (xyz + rgb, `point_cloud`), not a "
                          "surface with normals: it cannot be encoded by the ShapeVAE.")
-    mesh = example["mesh"]
-    source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
-    mesh = normalize_mesh(load_mesh(source))[0]
-    return torch.from_numpy(sample_surface(mesh, num_points, num_sharp_points, seed=seed))
+    else:
+        mesh = example["mesh"]
+        source = _mesh_source(mesh) if isinstance(mesh, dict) else mesh
+    return sample_vae_surface(source, vae_config, seed=seed, num_points=num_points, num_sharp_points=num_sharp_points)
 
 
 __all__ = ["LAYOUTS", "SHAPE_COLUMNS", "detect_layout", "example_surface", "load_caption_dataset", "load_points"]

@@ -15,7 +15,8 @@ common schema of `cgmllm.training.data` (which dispatches here):
     pointllm      PointLLM's caption set: `8192_npy/<object_id>_8192.npy` ((8192, 6) xyz + rgb in [0, 1]) and the
                   brief-description jsonl (`{"object_id", "conversations": [{"from": "human", "value":
                   "<point>\\n..."}, {"from": "gpt", "value": caption}]}`). The cloud is stored as `point_cloud`,
-                  normalised as the official path does before PointBERT (`pointbert_normalize`).
+                  normalised as the official path does before PointBERT (PointLLM's `pc_norm`:
+                  `cgmllm.modeling_pointbert.normalize_point_cloud`).
 
 Coordinates. Shape surfaces are used as they are, as the official loader does (it re-normalises nothing). The
 release README says the t500k objects were "processed following the Hunyuan3D-2.1 data pipeline", whose
@@ -170,15 +171,6 @@ def t500k_text_columns(batch: dict, validate: bool) -> dict:
 POINTLLM_PLACEHOLDER = "<point>"
 
 
-def pointbert_normalize(cloud: np.ndarray) -> np.ndarray:
-    """PointLLM's `pc_norm`: xyz minus its mean, divided by the largest radius; the other channels (rgb) as they are."""
-    xyz = cloud[:, :3] - cloud[:, :3].mean(axis=0)
-    radius = float(np.sqrt((xyz**2).sum(axis=1)).max())
-    if radius == 0.0:
-        raise ValueError("all points coincide (zero radius), cannot normalise")
-    return np.concatenate([xyz / radius, cloud[:, 3:]], axis=1).astype(np.float32)
-
-
 def load_pointllm_cloud(path) -> np.ndarray:
     """`<id>_8192.npy` -> the `(P, 6)` float32 xyz + rgb cloud, normalised for PointBERT."""
     try:
@@ -187,10 +179,13 @@ def load_pointllm_cloud(path) -> np.ndarray:
         raise ValueError(f"Could not read point cloud {path}: {type(exc).__name__}: {exc}") from exc
     if cloud.ndim != 2 or cloud.shape[1] != 6 or not np.isfinite(cloud).all():
         raise ValueError(f"Point cloud {path} must be a finite (P, 6) xyz + rgb array, got shape {cloud.shape}.")
-    try:
-        return pointbert_normalize(cloud.astype(np.float32))
-    except ValueError as exc:
-        raise ValueError(f"Point cloud {path}: {exc}") from exc
+    if np.ptp(cloud[:, :3], axis=0).max() == 0:
+        raise ValueError(f"Point cloud {path}: all points coincide, it cannot be normalised.")
+    import torch
+
+    from cgmllm.modeling_pointbert import normalize_point_cloud  # PointLLM's `pc_norm`, as the pipeline applies it
+
+    return normalize_point_cloud(torch.from_numpy(cloud.astype(np.float32))).numpy()
 
 
 def pointllm_turns(conversations) -> tuple[str | None, str | None]:
@@ -237,7 +232,6 @@ __all__ = [
     "is_missing_caption",
     "load_pointllm_cloud",
     "parse_caption_list",
-    "pointbert_normalize",
     "read_surface_npz",
     "surface_points",
 ]

@@ -5,6 +5,7 @@ per resolution: `latents` `(N, C)` float32 when a single `num_latents` is asked 
 (the stages of progressive training).
 
     cgmllm-preprocess --data DATA --shape-vae VAE --num-latents 512 1024 --out CACHE [--streaming]
+    cgmllm-preprocess --data PointLLM/ --out CACHE     # PointBERT clouds: stored as read (normalised), no VAE
 
 `--streaming` reads the source lazily (`datasets` streaming) and writes the cache as it goes, so neither the source
 (e.g. the CG-MLLM t500k parquet folders) nor the cache is ever copied into memory or into the `datasets` cache.
@@ -56,16 +57,16 @@ def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num
     """Sample every shape's surface and encode it at each `num_latents`; returns `uid`, `caption` (and `captions`
     paraphrases, `question`, the `image` / `images` views when the data set has them) and the latent column(s).
 
-    Surfaces default to the VAE's own pool sizes (`pc_size` uniform + `pc_sharpedge_size` sharp points). Sample `i`
-    uses seed `seed + i`, so the cache is reproducible. An `IterableDataset` (streaming) is encoded as it is iterated.
+    Surfaces are drawn by `mesh_utils.sample_vae_surface` with the VAE's own pool sizes (`pc_size` uniform +
+    `pc_sharpedge_size` sharp points, unless `num_points` / `num_sharp_points` override them), the draw mesh
+    captioning uses too. Sample `i` uses seed `seed + i`, so the cache is reproducible. An `IterableDataset`
+    (streaming) is encoded as it is iterated.
     """
     if "point_cloud" in dataset.column_names:
         raise ValueError("This data set holds PointBERT clouds (`point_cloud`: xyz + rgb, PointLLM's caption set), not "
-                         "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT captioning "
-                         "path directly, without a latent cache.")
+                         "surfaces with normals: the ShapeVAE has nothing to encode. They feed the PointBERT "
+                         "captioning path directly, without a latent cache.")
     sizes = [num_latents] if isinstance(num_latents, int) else list(num_latents)
-    num_points = vae.config.pc_size if num_points is None else num_points
-    num_sharp_points = vae.config.pc_sharpedge_size if num_sharp_points is None else num_sharp_points
     channels = vae.config.embed_dim
     text_columns = {"uid": Value("string"), "caption": Value("string")}
     if PARAPHRASE_COLUMN in dataset.column_names:
@@ -84,7 +85,8 @@ def encode_dataset(dataset: Dataset | IterableDataset, vae, num_latents=512, num
     def encode(batch, indices):
         examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
         surfaces = torch.stack([
-            example_surface(example, num_points, num_sharp_points, seed=seed + index)
+            example_surface(example, vae.config, seed=seed + index, num_points=num_points,
+                            num_sharp_points=num_sharp_points)
             for example, index in zip(examples, indices)
         ])
         # Nothing non-finite enters the cache: one NaN latent turns every weight NaN within a step or two.
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="data folder / parquet / Cap3D folder")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--caption-column", default="caption")
-    parser.add_argument("--shape-vae", required=True, help="ShapeVAE folder or Hunyuan3D checkpoint")
+    parser.add_argument("--shape-vae", default=None,
+                        help="ShapeVAE folder or Hunyuan3D checkpoint (required, except for PointLLM clouds)")
     parser.add_argument("--num-latents", type=int, nargs="+", default=[512])
     parser.add_argument("--num-points", type=int, default=None, help="uniform surface points (default: VAE pc_size)")
     parser.add_argument("--num-sharp-points", type=int, default=None)
@@ -127,9 +130,19 @@ def main(argv=None) -> Dataset:
     dataset = load_caption_dataset(args.data, layout=args.layout, caption_column=args.caption_column,
                                    skip_bad_samples=args.skip_bad_samples, streaming=args.streaming,
                                    num_proc=args.num_proc)
-    vae = load_shape_vae(args.shape_vae)
-    cached = encode_dataset(dataset, vae, args.num_latents, args.num_points, args.num_sharp_points, args.seed,
-                            args.batch_size)
+    if "point_cloud" in dataset.column_names:
+        # PointLLM's set: PointBERT reads the clouds themselves (its features would be ~12x larger than the clouds),
+        # so the cache is the loaded set: captions, questions and the normalised clouds, read once into Arrow.
+        if args.shape_vae:
+            raise ValueError(f"{args.data} holds PointBERT clouds (PointLLM), which a ShapeVAE does not encode: drop "
+                             "--shape-vae to cache the clouds as they are.")
+        cached = dataset
+    else:
+        if not args.shape_vae:
+            raise ValueError("--shape-vae is required to encode shapes into latents.")
+        vae = load_shape_vae(args.shape_vae)
+        cached = encode_dataset(dataset, vae, args.num_latents, args.num_points, args.num_sharp_points, args.seed,
+                                args.batch_size)
     if isinstance(cached, IterableDataset):
         cached = _write_stream(cached, args.out)
     else:

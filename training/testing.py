@@ -56,7 +56,7 @@ def tiny_processor(texts=None, vocab_size: int = 300):
 
 
 def tiny_model_config(processor, shape_latent_channels: int = 8, num_shape_tokens: int = 8, hidden_size: int = 32,
-                      num_hidden_layers: int = 2, intermediate_size: int = 37):
+                      num_hidden_layers: int = 2, intermediate_size: int = 37, point_feature_dim: int | None = None):
     from cgmllm import CGMLLMConfig
 
     head_dim = hidden_size // 4
@@ -75,7 +75,7 @@ def tiny_model_config(processor, shape_latent_channels: int = 8, num_shape_token
                          num_position_embeddings=16, deepstack_visual_indexes=[0])
     return CGMLLMConfig(text_config=text_config, vision_config=vision_config, video_token_id=processor.token_id(
         "<|video_pad|>"), shape_latent_channels=shape_latent_channels, num_shape_tokens=num_shape_tokens,
-        **processor.special_token_ids)
+        point_feature_dim=point_feature_dim, **processor.special_token_ids)
 
 
 def tiny_model(processor, seed: int = 0, **kwargs):

@@ -2,9 +2,10 @@
 
     python -m cgmllm.training.train_vae --data TINY_WORLD_DIR --out OUT [--steps 2000 --num-latents 64 ...]
 
-Every mesh is normalised to the VAE cube exactly as `CGMLLMProcessor.prepare_surfaces` does (so that the pipeline's
+Every mesh is normalised to the VAE cube exactly as `mesh_utils.sample_vae_surface` does (so that the pipeline's
 `encode_mesh` feeds the trained encoder what it saw in training), then sampled **once**: a surface point cloud (half
-area-uniform, half on sharp edges, as the processor does) and occupancy-labelled query points
+area-uniform, half on sharp edges: the `pc_size` / `pc_sharpedge_size` written into the VAE's config, which captioning
+and the latent cache then draw) and occupancy-labelled query points
 (`mesh_utils.sample_sdf_points`), with `--labels sdf` also their inside-positive signed distances
 (`mesh_utils.signed_distance`, Hunyuan3D-2.1's supervision). The arrays are cached in `OUT/cache_<split>.npz`, so a
 training step is only the VAE forward/backward (`ShapeVAE.compute_loss`) on a random subset of the cached queries.
@@ -49,7 +50,7 @@ def _sample_one(job):
 
     path, num_points, num_near, num_uniform, seed, sharp_fraction, with_distances = job
     mesh = normalize_mesh(load_mesh(path))[0]
-    num_sharp = num_points // 2  # the processor's default split between the two pools
+    num_sharp = num_points // 2  # the split `build_vae` writes into the config (pc_size / pc_sharpedge_size)
     surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed)
     points, labels = sample_sdf_points(mesh, num_near=num_near, num_uniform=num_uniform, seed=seed + 1,
                                        sharp_fraction=sharp_fraction)

@@ -1,10 +1,11 @@
 """`CGMLLMTrainer`: `transformers.Trainer` with CG-MLLM's two-term loss, EMA weights and reproducible noise.
 
-Loss. `loss = lm_loss_weight * CE + flow_loss_weight * flow MSE`, where each term is a *sum* over its own items
-divided by the number of such items in the whole optimizer step (all gradient-accumulation micro-batches, all
-processes): CE over caption tokens (`labels != -100`), flow over target latent rows (`shape_loss_mask`). Then
-accumulating micro-batches, or splitting a batch over devices, gives the same gradient as one big batch.
-Both terms are logged (`lm_loss`, `flow_loss`).
+Loss. `loss = lm_loss_weight * CE + flow_loss_weight * flow MSE`, defined once in `cgmllm.cgmllm_loss` and computed
+by the model's forward: each term is a *sum* over its own items divided by the number of such items in the whole
+optimizer step (all gradient-accumulation micro-batches, all processes), which the Trainer counts and passes in:
+CE over caption tokens (`labels != -100`), flow over target latent rows (`shape_loss_mask`). Then accumulating
+micro-batches, or splitting a batch over devices, gives the same gradient as one big batch. Both terms are logged
+(`lm_loss`, `flow_loss`), summed over processes like `loss`, so `lm_loss + flow_loss == loss` (unit weights).
 
 Noise. The flow timesteps and noise come from a generator seeded by `(args.seed, global_step, micro-batch)`,
 so resuming from a checkpoint reproduces the uninterrupted run exactly.
@@ -20,7 +21,6 @@ import os
 import shutil
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -272,32 +272,25 @@ class CGMLLMTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model computes the loss (`cgmllm_loss`, one definition); the Trainer only supplies the denominators:
+        the optimizer step's global label tokens and target latent rows while training, this batch's otherwise."""
         inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
         sample_uids = inputs.pop("sample_uids", None)
-        outputs = model(**inputs, generator=self._noise_generator() if model.training else None)
-        config = self.accelerator.unwrap_model(model).config
+        counts = {}
+        scale = 1
         if model.training and self._window_counts is not None:
-            num_tokens, num_rows = self._window_counts
+            counts = dict(zip(("num_items_in_batch", "num_shape_rows_in_batch"), self._window_counts))
+            # Each process's loss is its share of the global sum; DDP averages gradients over processes.
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        else:
-            num_tokens = (labels[..., 1:] != -100).sum() if labels is not None else 0
-            num_rows = inputs["shape_loss_mask"].sum() if "shape_loss_mask" in inputs else 0
-            scale = 1
+        outputs = model(**inputs, **counts, generator=self._noise_generator() if model.training else None)
+        config = self.accelerator.unwrap_model(model).config
 
-        zero = outputs.logits.sum() * 0.0  # keeps every output in the graph (DDP) when a term is absent
-        lm_loss = zero
-        if labels is not None and int(num_tokens) > 0:
-            logits = outputs.logits[:, :-1].float()
-            lm_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
-                                     ignore_index=-100, reduction="sum")
-            lm_loss = lm_sum / num_tokens
-        flow_loss = zero
+        # Every output stays in the graph (DDP) when a term is absent from this process's batch.
+        zero = outputs.logits.sum() * 0.0
         if outputs.velocity is not None:
-            flow_loss = flow_loss + outputs.velocity.sum() * 0.0
-            if outputs.flow_loss_mask is not None and int(num_rows) > 0:
-                per_row = (outputs.velocity.float() - outputs.velocity_target.float()).pow(2).mean(-1)
-                flow_loss = flow_loss + per_row[outputs.flow_loss_mask].sum() / num_rows
+            zero = zero + outputs.velocity.sum() * 0.0
+        lm_loss = outputs.lm_loss if outputs.lm_loss is not None else zero
+        flow_loss = outputs.flow_loss if outputs.flow_loss is not None else zero
         loss = config.lm_loss_weight * lm_loss + config.flow_loss_weight * flow_loss
         if model.training and not bool(torch.isfinite(loss.detach())):
             raise NonFiniteLossError(
@@ -318,9 +311,18 @@ class CGMLLMTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
+        # Called on every process at a logging step (the Trainer gathers `loss` there too). `loss` is the mean over
+        # processes of `share * num_processes`; each process's component is its share of the global sum, so the
+        # global value is the sum over processes (the mean, when counts are per process).
         if "loss" in logs and self._component_steps > 0:
-            for name, total in self._component_sums.items():
-                logs[name] = round(float(total) / self._component_steps, 6)
+            totals = torch.stack([torch.as_tensor(self._component_sums[name], dtype=torch.float32,
+                                                  device=self.args.device) for name in ("lm_loss", "flow_loss")])
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+                if not self.args.average_tokens_across_devices:
+                    totals = totals / self.args.world_size
+            for name, total in zip(("lm_loss", "flow_loss"), totals.tolist()):
+                logs[name] = round(total / self._component_steps, 6)
             self._component_sums = {"lm_loss": 0.0, "flow_loss": 0.0}
             self._component_steps = 0
         return super().log(logs, *args, **kwargs)

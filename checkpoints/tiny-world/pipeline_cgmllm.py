@@ -23,6 +23,7 @@ installed (the components then come from the files in their own folders).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -38,6 +39,8 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 logger = logging.get_logger(__name__)
@@ -65,6 +68,13 @@ _REMOTE_COMPONENTS = {
 POINT_CLOUD_SIZE = 8192
 DEFAULT_POINT_QUESTION = "What does this collection of points represent?"
 _VAE_FILES = ("modeling_shape_vae.py", "volume_decoding.py", "mesh_utils.py")
+# The file every component folder of a saved pipeline holds; `from_pretrained` checks them all before loading any.
+_COMPONENT_CONFIG_FILES = {
+    "model": "config.json",
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+    "processor": "tokenizer_config.json",
+}
 
 
 @dataclass
@@ -127,6 +137,38 @@ def _load_image(image, index: int):
         + (f" of shape {image.shape}" if hasattr(image, "shape") else "")
         + "."
     )
+
+
+class StopOnImmediateRepeat(StoppingCriteria):
+    """Ends a caption row as soon as its generated tokens end with a span of at least `min_span` tokens written
+    twice in a row ("pyramid lying pyramid lying"). A model shown something unlike its training data can loop like
+    this up to the token budget without ever emitting its end token, and repetition penalties or n-gram bans only
+    make it loop with variations; no trained caption holds such a repeat (on the tiny world: none of 7,005
+    captions repeats a span of 2 tokens or more back to back, while single tokens do, e.g. "ll" in "hollow")."""
+
+    def __init__(self, prompt_length: int, min_span: int = 2):
+        self.prompt_length = prompt_length
+        self.min_span = min_span
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :]
+        length = generated.shape[1]
+        done = torch.zeros(generated.shape[0], dtype=torch.bool, device=input_ids.device)
+        for span in range(self.min_span, length // 2 + 1):
+            done |= (generated[:, length - span :] == generated[:, length - 2 * span : length - span]).all(-1)
+        return done
+
+
+def cut_immediate_repeat(tokens: list[int], end_ids: set[int], min_span: int = 2) -> list[int]:
+    """`tokens` up to their first end token, without the second copy of the first span (>= `min_span` tokens) that
+    is repeated back to back: what remains of a row that `StopOnImmediateRepeat` stopped."""
+    for length in range(1, len(tokens) + 1):
+        if tokens[length - 1] in end_ids:
+            return tokens[: length - 1]
+        for span in range(min_span, length // 2 + 1):
+            if tokens[length - span : length] == tokens[length - 2 * span : length - span]:
+                return tokens[: length - span]
+    return tokens
 
 
 class CGMLLMPipeline(DiffusionPipeline):
@@ -304,6 +346,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         inputs = processor(text=texts, images=batch_images or None, padding_side="left",
                            image_to_shape=bool(batch_images)).to(device)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if prompt is not None:
+            self._warn_long_prompts(prompt, attention_mask[: len(prompt)].sum(-1).tolist())
         if input_ids.shape[1] == 0:  # every context empty: a one-token padding column keeps shapes valid
             pad = self.model.config.text_config.pad_token_id or 0
             input_ids = torch.full((len(texts), 1), pad, dtype=torch.long, device=device)
@@ -320,6 +364,21 @@ class CGMLLMPipeline(DiffusionPipeline):
         positions = out.position_ids.amax(0).masked_fill(attention_mask == 0, -1)
         rope_start = positions.amax(-1) + 1
         return {"cache": out.cache, "attention_mask": attention_mask, "rope_start": rope_start}
+
+    def _warn_long_prompts(self, prompts: list[str], lengths: list[int]) -> None:
+        """Warn (once per call) for prompts longer than any the model was trained on: they are accepted, but the
+        model has never seen such a context and tends to ignore or garble it."""
+        config = self.model.config
+        trained = getattr(config, "max_prompt_tokens", None)
+        limit = min(x for x in (trained, config.text_config.max_position_embeddings) if x is not None)
+        long = [(p, n) for p, n in zip(prompts, lengths) if n > limit]
+        if long:
+            prompt, length = max(long, key=lambda item: item[1])
+            logger.warning(
+                f"{len(long)} prompt(s) longer than the longest context the model was trained on ({limit} tokens): "
+                f"the longest has {length} tokens ({prompt[:60]!r}...). The model may ignore or garble it; shorter "
+                "prompts like the training captions work best."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Latents
@@ -370,13 +429,28 @@ class CGMLLMPipeline(DiffusionPipeline):
         )
         return out.velocity.view(rows, -1, latents.shape[-1])
 
+    def _denoising_progress_bar(self, total: int):
+        """diffusers' step bar (`set_progress_bar_config` applies), labelled."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        config.setdefault("desc", "denoising")
+        return tqdm(total=total, unit=" steps", **config)
+
+    def _meshing_progress_bar(self):
+        """A tqdm bar counting field queries (None when progress bars are disabled), as a context manager."""
+        config = dict(getattr(self, "_progress_bar_config", {}))
+        if config.get("disable"):
+            return contextlib.nullcontext()
+        config.setdefault("desc", "meshing")
+        return tqdm(total=None, unit=" points", unit_scale=True, **config)
+
     @staticmethod
     def _conditional_rows(context: dict[str, Any], batch_size: int) -> dict[str, Any]:
         """The first `batch_size` rows (the conditional branch) of a prefilled `[cond ; uncond]` context: steps
         outside the guidance interval run only these rows instead of computing the unconditional ones and discarding
         them. The KV cache is copied once per block (its rows are not contiguous per layer otherwise)."""
         cache = context["cache"]
-        rows = type(cache)(ddp_cache_data=[(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers])
+        layers = [(layer.keys[:batch_size], layer.values[:batch_size]) for layer in cache.layers]
+        rows = type(cache)(ddp_cache_data=layers)
         return {"cache": rows, "attention_mask": context["attention_mask"][:batch_size],
                 "rope_start": context["rope_start"][:batch_size]}
 
@@ -412,7 +486,8 @@ class CGMLLMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sigmas: list[float] | None = None,
         output_type: str = "trimesh",
-        octree_resolution: int = 256,
+        num_images_per_prompt: int | None = None,
+        octree_resolution: int = 128,
         mc_level: float = 0.0,
         mesh_kwargs: dict | None = None,
         return_dict: bool = True,
@@ -435,25 +510,49 @@ class CGMLLMPipeline(DiffusionPipeline):
             guidance_renorm: official global renorm of the guided velocity.
             num_shape_tokens: latent rows N per object, in `[1, model.config.num_shape_tokens]`; defaults to
                 `model.config.num_shape_tokens`.
-            shape_block_size: rows K per block; must divide N. None or N: the whole object in one block (official).
-                K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
+            shape_block_size: rows K per block; must divide N. None: `model.config.shape_block_size`, the block size
+                the model was trained with, or the whole object in one block when that is None (official). K = N: one
+                block. K < N: N / K blocks generated one after the other, block j conditioned on the clean blocks < j
                 through the KV cache; K = 1 is token-by-token generation.
             num_meshes_per_prompt: objects per prompt / image.
+            num_images_per_prompt: the name diffusers' pipelines (Shap-E included) and their tooling use for the
+                same count; an alias of `num_meshes_per_prompt` (giving both with different values is an error).
             generator: `torch.Generator` (or one per object) for the initial noise.
             latents: initial noise `(B, N, C)` instead of drawing it.
             sigmas: unshifted flow times, one per step, passed to `scheduler.set_timesteps` (which applies its shift
                 and appends the terminal 0). None = the official grid `linspace(1, 0, S + 1)[:-1]`
                 ([`official_flow_sigmas`]); pass e.g. the scheduler's own spacing explicitly to sample differently.
             output_type: `"trimesh"` (decode with the VAE) or `"latent"`.
-            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh`.
+            octree_resolution, mc_level, mesh_kwargs: forwarded to `vae.latents_to_mesh` (128 cells per axis by
+                default, as the `cgmllm generate` command line: ample for N <= 1024 latents; the official release
+                meshes at 512).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every step.
 
         Returns:
-            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object) and `latents`
-            `(B, N, C)`; a tuple `(meshes, latents)` when `return_dict=False`.
+            [`CGMLLMPipelineOutput`] with `meshes` (list of `trimesh.Trimesh`, one per object; None for
+            `output_type="latent"`) and `latents` `(B, N, C)`. With `return_dict=False`, the output's fields that are
+            not None as a tuple (diffusers' `BaseOutput.to_tuple`): `(meshes, latents)`, or `(latents,)` for
+            `output_type="latent"`, so that `output[0]` and `tuple_output[0]` are the same object.
         """
+        if num_images_per_prompt is not None:
+            if num_meshes_per_prompt not in (1, num_images_per_prompt):
+                raise ValueError(
+                    f"`num_images_per_prompt` ({num_images_per_prompt!r}) is an alias of `num_meshes_per_prompt` "
+                    f"({num_meshes_per_prompt!r}); give one of them."
+                )
+            num_meshes_per_prompt = num_images_per_prompt
         num_shape_tokens = self.max_shape_tokens if num_shape_tokens is None else num_shape_tokens
-        shape_block_size = num_shape_tokens if shape_block_size is None else shape_block_size
+        if shape_block_size is None:
+            # The block size the model was trained with; the whole object in one block when it has none (official).
+            trained_block_size = getattr(self.model.config, "shape_block_size", None)
+            divides = not isinstance(num_shape_tokens, int) or num_shape_tokens % (trained_block_size or 1) == 0
+            if not divides:
+                raise ValueError(
+                    f"The model generates in blocks of model.config.shape_block_size={trained_block_size} rows, which "
+                    f"does not divide num_shape_tokens={num_shape_tokens}; pass a multiple of {trained_block_size} or "
+                    "an explicit `shape_block_size`."
+                )
+            shape_block_size = trained_block_size or num_shape_tokens
         if callback_on_step_end is not None and hasattr(callback_on_step_end, "tensor_inputs"):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -500,7 +599,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
         low, high = guidance_interval if guidance_interval is not None else (-1.0, 1.0)
         blocks = []
-        with self.progress_bar(total=num_blocks * len(timesteps)) as progress_bar:
+        with self._denoising_progress_bar(num_blocks * len(timesteps)) as progress_bar:
             for j in range(num_blocks):
                 block_ids = self._block_input_ids(branches * batch_size, j, num_blocks, shape_block_size, device)
                 x = latents[:, j * shape_block_size : (j + 1) * shape_block_size]
@@ -538,26 +637,33 @@ class CGMLLMPipeline(DiffusionPipeline):
         # 6. Decode.
         meshes = None
         if output_type == "trimesh":
-            meshes = self.vae.latents_to_mesh(
-                latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
-                **(mesh_kwargs or {}),
-            )
+            # Field queries of the volume decoding: the total is not known in advance (coarse-to-fine extraction
+            # queries only near the surface), so the bar counts points.
+            with self._meshing_progress_bar() as meshing_bar:
+                meshes = self.vae.latents_to_mesh(
+                    latents.to(self.vae.dtype), octree_resolution=octree_resolution, mc_level=mc_level,
+                    **({"progress_callback": meshing_bar.update} if meshing_bar is not None else {}),
+                    **(mesh_kwargs or {}),
+                )
         self.maybe_free_model_hooks()
+        output = CGMLLMPipelineOutput(meshes=meshes, latents=latents)
         if not return_dict:
-            return meshes, latents
-        return CGMLLMPipelineOutput(meshes=meshes, latents=latents)
+            return output.to_tuple()
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # Captioning
     # ------------------------------------------------------------------------------------------------------------
     def encode_mesh(self, mesh, num_shape_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`:
-        surface sampling, then `vae.encode(...).mode()` (the same latents the training cache holds)."""
+        """Mesh(es) (path, bytes, `trimesh.Trimesh` or `(P, 6|7)` point cloud) -> clean raw latents `(B, N, C)`.
+
+        The surface is drawn as the training latent cache draws it (`processor.prepare_surfaces` with the VAE config:
+        `pc_size` uniform + `pc_sharpedge_size` sharp points), then encoded with `vae.encode(...).mode()` (the
+        cache holds posterior samples of the same distribution)."""
         num_shape_tokens = num_shape_tokens or self.max_shape_tokens
         meshes = self._as_list(mesh)
-        num_points = num_shape_tokens * self.vae.config.downsample_ratio
         try:
-            surfaces = self.processor.prepare_surfaces(meshes, num_points=num_points, seed=seed)
+            surfaces = self.processor.prepare_surfaces(meshes, self.vae.config, seed=seed)
         except ValueError:
             raise
         except Exception as error:  # trimesh / IO errors of unreadable files
@@ -594,6 +700,7 @@ class CGMLLMPipeline(DiffusionPipeline):
         prompt: str | None = None,
         max_new_tokens: int = 64,
         num_shape_tokens: int | None = None,
+        stop_on_repetition: bool = True,
         **generate_kwargs,
     ) -> list[str]:
         """Describe images (TokenAR, as Qwen3-VL) or meshes in text.
@@ -609,6 +716,8 @@ class CGMLLMPipeline(DiffusionPipeline):
             prompt: the question; defaults to "Describe this image." / "Describe this 3D object." (VAE path) /
                 the official "What does this collection of points represent?" (PointBERT path).
             max_new_tokens: generation budget; greedy decoding unless `generate_kwargs` say otherwise.
+            stop_on_repetition: end a caption where it starts repeating a span of 2+ tokens back to back, and drop
+                the repeated copy ([`StopOnImmediateRepeat`]), instead of looping up to `max_new_tokens`.
 
         Returns:
             One caption per input.
@@ -642,12 +751,20 @@ class CGMLLMPipeline(DiffusionPipeline):
             inputs = processor(text=texts, num_shape_tokens=num_shape_tokens, padding_side="left").to(device)
             extra = {"shape_latents": latents.reshape(-1, latents.shape[-1]).to(device)}
         prompt_length = inputs["input_ids"].shape[1]
+        if stop_on_repetition:
+            criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+            criteria.append(StopOnImmediateRepeat(prompt_length))
+            generate_kwargs["stopping_criteria"] = criteria
         generated = self.model.generate(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens,
             pad_token_id=processor.tokenizer.pad_token_id, **extra, **generate_kwargs,
         )
         self.maybe_free_model_hooks()
-        return processor.decode_captions(generated[:, prompt_length:])
+        rows = generated[:, prompt_length:].tolist()
+        if stop_on_repetition:
+            end_ids = {processor.token_id(processor.text_end_token), processor.tokenizer.pad_token_id}
+            rows = [cut_immediate_repeat(row, end_ids) for row in rows]
+        return processor.decode_captions(rows)
 
     def _offload_now(self, component) -> None:
         """Under `enable_model_cpu_offload()`, move `component` back to the CPU at once. diffusers' hook chain
@@ -661,7 +778,7 @@ class CGMLLMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # Saving / loading
     # ------------------------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Save the components and make the folder loadable without the `cgmllm` package:
 
         * `model_index.json` names the pipeline `["pipeline_cgmllm", "CGMLLMPipeline"]` and each custom component
@@ -670,8 +787,14 @@ class CGMLLMPipeline(DiffusionPipeline):
 
         `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` then works anywhere, and
         `CGMLLMPipeline.from_pretrained(path)` uses the installed classes.
+
+        With `push_to_hub=True` (and diffusers' `repo_id`, `token`, `private`, `create_pr`, `commit_message`) the
+        folder is uploaded once every file above is written, with a model card (`README.md`, from
+        `cgmllm.training.hub` when the folder has none) whose licence follows the VAE weights it holds.
         """
-        super().save_pretrained(save_directory, **kwargs)
+        push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "create_pr", "commit_message")
+                if key in kwargs}
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         root = Path(save_directory)
         shutil.copyfile(__file__, root / "pipeline_cgmllm.py")
         vae_source = Path(sys.modules[type(self.vae).__module__].__file__)
@@ -701,12 +824,53 @@ class CGMLLMPipeline(DiffusionPipeline):
                     f"Saving {component}: {module_file}.py was not written to {root / component}; the folder would not "
                     "load as remote code."
                 )
+        if push_to_hub:
+            self._push_saved_folder(root, **push)
+
+    @staticmethod
+    def _push_saved_folder(root: Path, repo_id: str | None = None, token=None, private: bool | None = None,
+                           create_pr: bool = False, commit_message: str | None = None) -> str:
+        """Upload a folder written by `save_pretrained` (all files in place); returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id or root.name, private=private, exist_ok=True).repo_id
+        if not (root / "README.md").is_file():
+            try:  # by name: an import statement would make diffusers ask remote-code users to install the package
+                render_model_card = importlib.import_module("cgmllm.training.hub").render_model_card
+            except ImportError:  # remote-code copy without the package: no card template at hand
+                logger.warning(f"No README.md in {root}: the Hub repo {repo_id} gets no model card.")
+            else:
+                render_model_card(repo_id, folder=root).save(root / "README.md")
+        return api.upload_folder(repo_id=repo_id, folder_path=str(root), create_pr=create_pr,
+                                 commit_message=commit_message or "Upload CG-MLLM pipeline")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a saved pipeline. With the `cgmllm` package installed and a local folder, the components are
         built from the installed classes (no remote code needed); otherwise diffusers' loader is used (pass
-        `trust_remote_code=True` for the files in the folder)."""
+        `trust_remote_code=True` for the files in the folder).
+
+        The local loader honours `DiffusionPipeline.from_pretrained`'s loading keywords the way diffusers does:
+
+        * `variant` (e.g. `"fp16"`): every component whose folder holds weights of that variant
+          (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16.safetensors`) loads them, the others load their
+          regular weights; a variant that no component has raises a `ValueError`.
+        * `dtype` (or `torch_dtype`): one `torch.dtype` for every component, or a dict by component name with an
+          optional `"default"` entry (float32 when absent), e.g. `{"model": torch.bfloat16, "default": torch.float16}`.
+        * `use_safetensors`, and components passed as objects (`model=...`), which are used as they are.
+        * `cache_dir`, `revision`, `token`, `force_download`, `local_files_only`, `proxies`: Hub download options,
+          without effect on a local folder.
+
+        Any other keyword (`device_map`, `quantization_config`, ...) hands the whole load to
+        `DiffusionPipeline.from_pretrained`, which then builds the components from the folder's own code files
+        (`trust_remote_code=True`).
+
+        A Hub repo id is first downloaded with `huggingface_hub.snapshot_download` (`revision`, `token`, `cache_dir`,
+        `force_download`, `local_files_only`), then loaded the same way: with the package installed no remote code
+        runs, so `trust_remote_code` is not needed. Without the package, `DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)` runs the code shipped in the folder.
+        """
         path = Path(pretrained_model_name_or_path)
         try:
             # Looked up by name, not with an import statement: diffusers scans a remote-code file's import lines and
@@ -716,13 +880,54 @@ class CGMLLMPipeline(DiffusionPipeline):
             ShapeVAE = importlib.import_module("cgmllm.modeling_shape_vae").ShapeVAE
         except ImportError:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
-        if not (path / "model_index.json").is_file():
+        unhandled = set(kwargs) - set(_LOCAL_LOAD_KWARGS) - set(_REMOTE_COMPONENTS) - {"scheduler"}
+        if not path.exists() and not unhandled:
+            # A Hub repo id: download it, then build it from the installed classes like a local folder.
+            download = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "force_download",
+                                                     "local_files_only") if key in kwargs}
+            hub = importlib.import_module("huggingface_hub")
+            path = Path(hub.snapshot_download(os.fspath(pretrained_model_name_or_path), **download))
+        if not (path / "model_index.json").is_file() or unhandled:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+        CGMLLMForConditionalGeneration, CGMLLMProcessor = cgmllm.CGMLLMForConditionalGeneration, cgmllm.CGMLLMProcessor
+        missing = [
+            f"{name}/{file}" for name, file in _COMPONENT_CONFIG_FILES.items()
+            if name not in kwargs and not (path / name / file).is_file()
+        ]
+        if missing:  # before anything is built: a model without its config would be built at the default size
+            raise OSError(
+                f"{path} is not a complete CGMLLMPipeline folder: {', '.join(missing)} missing. Save one with "
+                "`CGMLLMPipeline.save_pretrained`, or pass the missing components as arguments."
+            )
+
+        dtype = kwargs.pop("dtype", None)
+        dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+        if dtype is not None and not isinstance(dtype, (dict, torch.dtype)):
+            raise ValueError(f"`dtype` must be a torch.dtype or a dict of them by component name, got {dtype!r}.")
+        variant = kwargs.pop("variant", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        model_variants = {
+            name: variant for name in ("model", "vae", "point_encoder") if _has_variant(path / name, variant)
+        }
+        if variant is not None and not model_variants:
+            raise ValueError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {path} (e.g. `model/model.{variant}.safetensors`)."
+            )
+
+        def component_dtype(name):
+            if isinstance(dtype, dict):
+                return dtype.get(name, dtype.get("default", torch.float32))
+            return dtype
+
+        weights = {"use_safetensors": use_safetensors} if use_safetensors is not None else {}
         loaders = {
-            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(p, dtype=dtype),
-            "vae": lambda p: ShapeVAE.from_pretrained(p, torch_dtype=dtype),
+            "model": lambda p: CGMLLMForConditionalGeneration.from_pretrained(
+                p, dtype=component_dtype("model"), variant=model_variants.get("model"), **weights
+            ),
+            "vae": lambda p: ShapeVAE.from_pretrained(
+                p, torch_dtype=component_dtype("vae"), variant=model_variants.get("vae"), **weights
+            ),
             "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained,
             "processor": CGMLLMProcessor.from_pretrained,
         }
@@ -730,13 +935,11 @@ class CGMLLMPipeline(DiffusionPipeline):
         if "point_encoder" in kwargs:
             components["point_encoder"] = kwargs.pop("point_encoder")
         elif (path / "point_encoder" / "config.json").is_file():
-            from cgmllm import PointBERTEncoder
-
-            components["point_encoder"] = PointBERTEncoder.from_pretrained(path / "point_encoder", dtype=dtype)
+            components["point_encoder"] = cgmllm.PointBERTEncoder.from_pretrained(
+                path / "point_encoder", dtype=component_dtype("point_encoder"),
+                variant=model_variants.get("point_encoder"), **weights,
+            )
         check_component_agreement(components, path)
-        kwargs.pop("trust_remote_code", None)
-        if kwargs:
-            logger.warning(f"Ignoring arguments {sorted(kwargs)} when loading {cls.__name__} from a local folder.")
         return cls(**components)
 
 
@@ -772,4 +975,25 @@ def check_component_agreement(components: dict, where="the pipeline") -> None:
         raise ValueError(f"The components of {where} do not belong together: " + "; ".join(problems) + ".")
 
 
-__all__ = ["CGMLLMPipeline", "CGMLLMPipelineOutput", "check_component_agreement", "official_flow_sigmas"]
+# Keywords of `DiffusionPipeline.from_pretrained` that `CGMLLMPipeline.from_pretrained` honours on a local folder.
+_LOCAL_LOAD_KWARGS = (
+    "variant", "dtype", "torch_dtype", "use_safetensors", "trust_remote_code",
+    "cache_dir", "revision", "token", "force_download", "local_files_only", "proxies",
+)
+
+
+def _has_variant(folder: Path, variant: str | None) -> bool:
+    """Whether a component folder holds weights of `variant` (`<name>.<variant>[-shard].<ext>`, diffusers' rule)."""
+    if variant is None or not folder.is_dir():
+        return False
+    return any(len(f.split(".")) > 2 and f.split(".")[1].startswith(variant) for f in os.listdir(folder))
+
+
+__all__ = [
+    "CGMLLMPipeline",
+    "CGMLLMPipelineOutput",
+    "StopOnImmediateRepeat",
+    "check_component_agreement",
+    "cut_immediate_repeat",
+    "official_flow_sigmas",
+]

@@ -19,6 +19,7 @@ numbers, so the benchmark prints them as a table and the test suite checks a flo
                          held-out ground truth, with the tiny world's PointNet++ (`pointnet.py`).
 """
 
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from ...mesh_utils import normalize_mesh, occupancy
 from ...rendering import render_mesh
 from . import (
     DATASET_VIEW,
+    ShapeSpec,
     FAMILIES,
     classify_family,
     classify_orientation,
@@ -45,14 +47,16 @@ def heldout_rows(num_train: int = 2000, num_heldout: int = 200, seed: int = 0) -
     """The held-out (`test`) split as `load_tiny_world` rows, rebuilt from the specs without writing files.
 
     Same specs (and so the same meshes and captions) as `build_tiny_world_dataset` with the same arguments; the
-    rows carry `caption`, `captions` (every paraphrase), `family`, the attributes, `novel_combination` and the
-    ground-truth `mesh`; `render_view(row)` gives the `image` the data set would hold.
+    rows carry `caption`, `captions` (every paraphrase), `family`, the attributes, `novel_combination`, `spec` (JSON,
+    as the data set's column) and the ground-truth `mesh`; `render_view(row)` gives the `image` the data set would
+    hold.
     """
     novel = {spec.combination for spec in split_combinations(seed).novel}
     rows = []
     for spec in make_tiny_world_specs(num_train, num_heldout, seed)["test"]:
         row = {"caption": spec.caption(), "captions": spec.captions(), "family": spec.family,
-               "novel_combination": spec.combination in novel, "mesh": spec.to_mesh()}
+               "novel_combination": spec.combination in novel, "spec": json.dumps(spec.to_dict()),
+               "mesh": spec.to_mesh()}
         row.update({name: spec.attributes.get(name) for name in ("proportion", "thickness", "orientation")})
         rows.append(row)
     return rows
@@ -255,3 +259,11 @@ def point_cloud_distances(generated: Sequence, references: Sequence, checkpoint_
                                kid_subset_size=min(len(clouds_a), len(clouds_b)), seed=seed)
     return {"p_fid": result["p_fid"], "p_kid": result["p_kid"], "count": len(kept), "num_references": len(references),
             "num_empty": len(generated) - len(kept)}
+
+
+def redrawn_meshes(rows: Sequence[dict], seed: int = 0) -> list[trimesh.Trimesh]:
+    """Each row's combination drawn again with new continuous dimensions (`ShapeSpec.sample`): what a generator that
+    gets every prompt exactly right would produce. Its p-FID against the rows' meshes is the floor of the metric for
+    that many shapes (a 512-d covariance from a few dozen shapes is far from exact)."""
+    rng = np.random.default_rng([seed, 7])
+    return [ShapeSpec.from_dict(json.loads(row["spec"])).sample(rng).to_mesh() for row in rows]

@@ -36,16 +36,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_world.y
 
 TINY_WORLD_USAGE = """```python
 import torch
-from cgmllm import CGMLLMPipeline
+from cgmllm import CGMLLMPipeline, render_mesh
 from cgmllm.cli import default_model_dir
+from cgmllm.training.tiny_world import DATASET_VIEW
 
 pipe = CGMLLMPipeline.from_pretrained(default_model_dir())   # this folder; CPU is fine
-out = pipe("a tall cylinder", num_inference_steps=25, guidance_scale=4.0, octree_resolution=64,
-           generator=torch.Generator().manual_seed(0))
+settings = dict(num_inference_steps=25, guidance_scale=4.0, octree_resolution=64)
+out = pipe("a tall cylinder", generator=torch.Generator().manual_seed(0), **settings)
 out.mesh.export("cylinder.glb")
 print(pipe.caption(mesh="cylinder.glb"))
-print(pipe.caption(image="view.png"))         # a view as the tiny world renders them (`tiny_world.DATASET_VIEW`)
-pipe(image="view.png").mesh.export("from_view.glb")
+
+# Views as the tiny world renders them: 128 pixels, the data set's camera.
+render_mesh(out.mesh, 128, **DATASET_VIEW).save("view.png")
+print(pipe.caption(image="view.png"))
+pipe(image="view.png", generator=torch.Generator().manual_seed(0), **settings).mesh.export("from_view.glb")
 ```
 
 or from the shell: `cgmllm generate "a tall cylinder" -o cylinder.glb`, `cgmllm caption cylinder.glb`,

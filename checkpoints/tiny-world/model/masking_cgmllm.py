@@ -113,6 +113,13 @@ def _pad_past(tensor: torch.Tensor, past_length: int, fill_value) -> torch.Tenso
     return torch.cat([past, tensor], dim=1)
 
 
+def _pad_future(tensor: torch.Tensor, length: int, fill_value) -> torch.Tensor:
+    """Right-extend a `(batch, kv_len)` tensor with `length` columns of `fill_value` (unused cache slots)."""
+    if length == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_full((tensor.shape[0], length), fill_value)], dim=1)
+
+
 def create_hybrid_attention_mask(
     config,
     inputs_embeds: torch.Tensor,
@@ -133,7 +140,11 @@ def create_hybrid_attention_mask(
         shape_block_ids: `(batch, q_len)` block id per query token, -1 for sequential tokens.
         noisy_shape_mask: `(batch, q_len)` True for tokens of noisy blocks.
         packed_sample_ids: `(batch, q_len)` packed-sample ids, or None for one sample per row.
-        cache: the KV cache, only used by the plain-causal fast path.
+        cache: the KV cache. A cache that returns more key columns than `past_length + q_len` (a `StaticCache`
+            returns its whole preallocated length) gets those extra columns masked out.
+
+    Returns None (no mask: every query attends to every key, which lets sdpa pick its flash kernel) when the queries
+    are one block over an unpadded context, e.g. a denoising step on an unpadded prompt.
     """
     implementation = config._attn_implementation
     check_attention_implementation(implementation)
@@ -160,8 +171,22 @@ def create_hybrid_attention_mask(
                 f"got {tuple(attention_mask.shape)}."
             )
         keep = attention_mask.to(device=device).bool()
+    # Key columns the cache will hand to the kernel beyond the real ones (a StaticCache's unused slots).
+    unused_columns = 0
+    if cache is not None:
+        unused_columns = max(int(cache.get_mask_sizes(q_length, 0)[0]) - kv_length, 0)
+    if (
+        packed_sample_ids is None
+        and unused_columns == 0
+        and implementation in ("sdpa", "eager")
+        and _queries_are_one_block(shape_block_ids, keep[:, past_length:])
+        and bool(keep.all())
+    ):
+        # The queries are one block and see every key: no mask at all.
+        return None
+    keep = _pad_future(keep, unused_columns, False)
     if packed_sample_ids is None and implementation in ("sdpa", "eager") and _queries_are_one_block(
-        shape_block_ids, keep[:, past_length:]
+        shape_block_ids, keep[:, past_length : past_length + q_length]
     ):
         # A denoising step (or a clean block written after the cached prompt): every query sees every kept key, so
         # the mask is the padding mask broadcast over the queries, `(batch, 1, 1, kv_len)`: O(kv_len) to build
@@ -171,8 +196,9 @@ def create_hybrid_attention_mask(
         return torch.zeros(keep.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
             ~keep, torch.finfo(inputs_embeds.dtype).min
         )[:, None, None, :]
-    block_ids = _pad_past(shape_block_ids.to(device), past_length, -1)
-    noisy = _pad_past(noisy_shape_mask.to(device).bool(), past_length, False)
+    block_ids = _pad_future(_pad_past(shape_block_ids.to(device), past_length, -1), unused_columns, -1)
+    noisy = _pad_future(_pad_past(noisy_shape_mask.to(device).bool(), past_length, False), unused_columns, False)
+    kv_length += unused_columns
     if packed_sample_ids is None:
         sample_ids = torch.zeros(batch_size, kv_length, dtype=torch.long, device=device)
     else:

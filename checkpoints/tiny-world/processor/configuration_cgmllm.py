@@ -27,7 +27,9 @@ class CGMLLMConfig(Qwen3VLConfig):
             Default number of latent rows per object (the VAE's `num_latents`; the curriculum uses 512 ... 4096).
         shape_block_size (`int`, *optional*):
             Latent rows per generation block. `None` puts the whole object in one block (the released model).
-            A smaller value generates an object as `num_shape_tokens // shape_block_size` sequential blocks.
+            A smaller value generates an object as `num_shape_tokens // shape_block_size` sequential blocks: the
+            training collator lays generation targets out block-wise with it (`cgmllm-train` passes it on) and
+            `CGMLLMPipeline` samples block by block with it unless told otherwise.
         timestep_embedding_dim (`int`, defaults to 256):
             Size of the sinusoidal features fed to the timestep MLP.
         timestep_shift (`float`, defaults to 1.0):
@@ -44,6 +46,10 @@ class CGMLLMConfig(Qwen3VLConfig):
             default) builds no connector; meshes are then captioned from clean ShapeVAE latents through `obj2llm`.
         lm_loss_weight (`float`, defaults to 1.0) / flow_loss_weight (`float`, defaults to 1.0):
             Weights of the text cross-entropy and of the flow-matching MSE in `loss`.
+        max_prompt_tokens (`int`, *optional*):
+            Tokens of the longest text -> 3D prompt (template included) the model was trained on. The pipeline warns
+            for longer prompts: the model has never seen such a context. `None`: unknown (only the text model's
+            `max_position_embeddings` is checked).
 
     Example:
 
@@ -69,6 +75,7 @@ class CGMLLMConfig(Qwen3VLConfig):
     point_feature_dim: int | None = None
     lm_loss_weight: float | int = 1.0
     flow_loss_weight: float | int = 1.0
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

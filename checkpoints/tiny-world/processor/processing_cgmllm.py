@@ -284,39 +284,23 @@ class CGMLLMProcessor(ProcessorMixin):
         return self.tokenizer.decode(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
-    def prepare_surfaces(self, meshes, num_points: int, num_sharp_points: int | None = None,
-                         seed: int = 0) -> torch.Tensor:
+    def prepare_surfaces(self, meshes, vae_config, seed: int = 0, num_points: int | None = None,
+                         num_sharp_points: int | None = None) -> torch.Tensor:
         """Meshes (paths, bytes, `trimesh.Trimesh`) or point clouds -> `(B, P, 7)` surfaces for `ShapeVAE.encode`.
 
-        A point cloud given as an array of shape `(P, 6)` (xyz + normal) or `(P, 7)` is used as is (resampled to
-        `num_points` rows); meshes are loaded, normalised to the VAE cube and surface-sampled (half uniform, half
-        on sharp edges unless `num_sharp_points` says otherwise).
+        Each item is drawn by `mesh_utils.sample_vae_surface` with `vae_config` (`pc_size` uniform +
+        `pc_sharpedge_size` sharp points), item `i` with seed `seed + i`: the same helper and counts as the training
+        latent cache, so captioning feeds the encoder the kind of cloud it was trained on.
         """
-        from .mesh_utils import load_mesh, normalize_mesh, sample_surface
+        from .mesh_utils import sample_vae_surface
 
         if not isinstance(meshes, (list, tuple)):
             meshes = [meshes]
-        num_sharp = num_points // 2 if num_sharp_points is None else num_sharp_points
-        surfaces = []
-        for index, item in enumerate(meshes):
-            if isinstance(item, (np.ndarray, torch.Tensor)):
-                points = torch.as_tensor(np.asarray(item), dtype=torch.float32)
-                if points.ndim != 2 or points.shape[1] not in (6, 7):
-                    raise ValueError(
-                        f"A point cloud must have shape (P, 6) or (P, 7) (xyz + normal [+ sharp flag]); item {index} "
-                        f"has shape {tuple(points.shape)}."
-                    )
-                if points.shape[1] == 6:
-                    points = torch.cat([points, torch.zeros(points.shape[0], 1)], dim=1)
-                generator = torch.Generator().manual_seed(seed + index)
-                choice = torch.randint(0, points.shape[0], (num_points,), generator=generator)
-                surfaces.append(points[choice])
-                continue
-            mesh = load_mesh(item)
-            mesh = normalize_mesh(mesh)[0]
-            surface = sample_surface(mesh, num_points - num_sharp, num_sharp, seed=seed + index)
-            surfaces.append(torch.as_tensor(np.asarray(surface), dtype=torch.float32))
-        return torch.stack(surfaces)
+        return torch.stack([
+            sample_vae_surface(item, vae_config, seed=seed + index, num_points=num_points,
+                               num_sharp_points=num_sharp_points)
+            for index, item in enumerate(meshes)
+        ])
 
     def prepare_point_clouds(self, items, num_points: int = 8192, seed: int = 0,
                              default_color: float = 0.4) -> torch.Tensor:

@@ -365,6 +365,74 @@ def sample_surface(
     return np.concatenate(rows, axis=0).astype(np.float32)
 
 
+def vae_surface_sizes(
+    vae_config, num_points: int | None = None, num_sharp_points: int | None = None
+) -> tuple[int, int]:
+    """`(uniform, sharp)` surface point counts of a ShapeVAE input: the config's `pc_size` and `pc_sharpedge_size`
+    (a `ShapeVAE.config` or any mapping with those keys), unless given explicitly."""
+    def field(name):
+        value = vae_config.get(name) if hasattr(vae_config, "get") else getattr(vae_config, name, None)
+        if value is None:
+            raise ValueError(f"The VAE config has no `{name}`; it says how many surface points the encoder expects.")
+        return int(value)
+
+    uniform = field("pc_size") if num_points is None else int(num_points)
+    sharp = field("pc_sharpedge_size") if num_sharp_points is None else int(num_sharp_points)
+    if uniform < 0 or sharp < 0 or uniform + sharp == 0:
+        raise ValueError(
+            f"Surface point counts must be >= 0 with a positive total, got {uniform} uniform + {sharp} sharp."
+        )
+    return uniform, sharp
+
+
+def sample_vae_surface(
+    source: MeshSource | np.ndarray | torch.Tensor,
+    vae_config,
+    seed: int = 0,
+    num_points: int | None = None,
+    num_sharp_points: int | None = None,
+) -> torch.Tensor:
+    """The ShapeVAE input of one shape, drawn as the VAE config says. The training latent cache and mesh captioning
+    both call this, so the encoder sees at inference exactly the kind of cloud it was given in training.
+
+    Args:
+        source: a mesh (path, bytes, file object, `trimesh.Trimesh`), loaded and `normalize_mesh`-ed, then sampled
+            with `sample_surface`; or a point cloud already in the VAE cube, `(P, 6)` (xyz + normal, all uniform) or
+            `(P, 7)` (+ sharp flag), whose uniform and sharp rows are resampled into their own pools.
+        vae_config: `ShapeVAE.config` (or a mapping) giving `pc_size` uniform and `pc_sharpedge_size` sharp points.
+            Hunyuan3D-2.1's release has `pc_sharpedge_size = 0`: uniform points only.
+        seed: the draw is deterministic given it.
+        num_points / num_sharp_points: override the config's counts.
+
+    Returns:
+        float32 `(pc_size + pc_sharpedge_size, 7)`: `[x, y, z, nx, ny, nz, sharp]`, uniform rows first (the
+        encoder takes the last `pc_sharpedge_size` rows as the sharp pool).
+    """
+    uniform, sharp = vae_surface_sizes(vae_config, num_points, num_sharp_points)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        cloud = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float32)
+        if cloud.ndim != 2 or cloud.shape[1] not in (6, 7) or len(cloud) == 0:
+            raise ValueError(
+                f"A point cloud must have shape (P, 6) or (P, 7) (xyz + normal [+ sharp flag]) with P > 0, got "
+                f"{cloud.shape}."
+            )
+        if cloud.shape[1] == 6:
+            cloud = np.concatenate([cloud, np.zeros((len(cloud), 1), np.float32)], axis=1)
+        rng = _rng(seed)
+        is_sharp = cloud[:, 6] > 0.5
+        # A pool with no rows of its kind borrows the other kind's rows (as `sample_surface` does for a mesh
+        # without sharp edges); borrowed rows keep their own flag.
+        uniform_rows = cloud[~is_sharp] if (~is_sharp).any() else cloud
+        sharp_rows = cloud[is_sharp] if is_sharp.any() else cloud
+        pools = []
+        for rows, count in ((uniform_rows, uniform), (sharp_rows, sharp)):
+            if count > 0:
+                pools.append(rows[rng.choice(len(rows), size=count, replace=len(rows) < count)])
+        return torch.from_numpy(np.concatenate(pools, axis=0))
+    mesh = normalize_mesh(load_mesh(source))[0]
+    return torch.from_numpy(sample_surface(mesh, uniform, sharp, seed=seed))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inside / outside: generalised winding number
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,6 +640,40 @@ def simplify_mesh(mesh: trimesh.Trimesh, max_faces: int) -> trimesh.Trimesh:
     return mesh.simplify_quadric_decimation(face_count=int(max_faces))
 
 
+MESH_EXPORT_TYPES = ("glb", "gltf", "obj", "ply", "stl", "off")
+
+
+def export_mesh(mesh: trimesh.Trimesh, path: str | os.PathLike) -> list[Path]:
+    """Write `mesh` to `path` in the format of its extension and return every file written (always one).
+
+    A `.gltf` gets its buffers embedded as data URIs: trimesh would otherwise write `gltf_buffer_0.bin`, ... next to
+    it, names that every `.gltf` in the folder shares, so a second export would silently break the first. The file
+    is written under a temporary name and renamed, so an interrupted export never leaves a truncated file (nor
+    destroys the one it replaces).
+    """
+    path = Path(path)
+    file_type = path.suffix.lower().lstrip(".")
+    if file_type not in MESH_EXPORT_TYPES:
+        raise ValueError(f"Cannot write {path}: unsupported extension, use one of {', '.join(MESH_EXPORT_TYPES)}.")
+    if file_type == "gltf":
+        from trimesh.exchange.gltf import export_gltf
+
+        files = export_gltf(trimesh.Scene(mesh), embed_buffers=True)
+        if len(files) != 1:  # embedded buffers leave only the .gltf itself
+            raise RuntimeError(f"trimesh wrote {sorted(files)} for an embedded glTF; expected one file.")
+        data = next(iter(files.values()))
+    else:
+        data = trimesh.exchange.export.export_mesh(mesh, None, file_type=file_type)
+        data = data.encode() if isinstance(data, str) else data
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return [path]
+
+
 def sample_colored_points(source: MeshSource, num_points: int, seed: int | None = 0,
                           default_color: float = 0.4) -> tuple[np.ndarray, bool]:
     """Area-uniform surface points with the mesh's colours: `(P, 6)` float32 xyz + rgb in [0, 1].
@@ -606,7 +708,9 @@ def sample_colored_points(source: MeshSource, num_points: int, seed: int | None 
 
 __all__ = [
     "SUPPORTED_MESH_TYPES",
+    "MESH_EXPORT_TYPES",
     "denormalize_mesh",
+    "export_mesh",
     "load_mesh",
     "normalize_mesh",
     "occupancy",
@@ -616,9 +720,11 @@ __all__ = [
     "sample_sharp_edges",
     "sample_surface",
     "sample_uniform_surface",
+    "sample_vae_surface",
     "sharp_edges",
     "simplify_mesh",
     "single_threaded_torch",
+    "vae_surface_sizes",
     "validate_mesh",
     "winding_number",
 ]
