@@ -359,6 +359,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             image_grid_thw=inputs.get("image_grid_thw"),
             use_cache=True,
             logits_to_keep=1,
+            return_dict=True,  # whatever the model's config says: the fields are read by name
         )
         # Rope id of the 3D block: one past the largest real position of each row (padding positions excluded).
         positions = out.position_ids.amax(0).masked_fill(attention_mask == 0, -1)
@@ -426,6 +427,7 @@ class CGMLLMPipeline(DiffusionPipeline):
             shape_latents=latents.reshape(-1, latents.shape[-1]),
             shape_timesteps=torch.full((1,), float(sigma), device=latents.device),  # one t: embedded once
             logits_to_keep=1,
+            return_dict=True,
         )
         return out.velocity.view(rows, -1, latents.shape[-1])
 

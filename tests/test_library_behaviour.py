@@ -73,6 +73,14 @@ def test_packed_position_ids_may_start_anywhere_and_match_packed_sample_ids(tiny
         from_positions = tiny_model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], **extra)
         from_ids = tiny_model(input_ids=flat["input_ids"], packed_sample_ids=sample_ids, **extra)
     torch.testing.assert_close(from_positions.logits, from_ids.logits, rtol=1e-5, atol=1e-5)
+    # The collator's optional extras (flash-attention varlen kwargs, `seq_idx`) are accepted and change nothing.
+    full = DataCollatorWithFlattening(position_ids_start=5, return_flash_attn_kwargs=True, return_seq_idx=True)(
+        [{"input_ids": s} for s in samples]
+    )
+    assert {"cu_seq_lens_q", "seq_idx"} <= set(full)
+    with torch.no_grad():
+        from_full = tiny_model(**{k: v for k, v in full.items() if k != "labels"}, **extra)
+    torch.testing.assert_close(from_full.logits, from_ids.logits, rtol=1e-5, atol=1e-5)
     # The mRoPE ids are the model's own (one id per 3D block, image grids), shifted to the given start.
     torch.testing.assert_close(from_positions.position_ids, from_ids.position_ids + 5)
     block = from_positions.position_ids[:, 0, 2:10]

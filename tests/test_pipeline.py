@@ -195,6 +195,17 @@ def test_seeds_reproduce_and_batches_are_independent(pipe):
     assert many.shape == (4, N, C) and not torch.allclose(many[0], many[1])
 
 
+def test_a_model_configured_with_return_dict_false_still_generates(pipe):
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", generator=_seed(3))
+    expected = pipe(PROMPTS, **kwargs).latents
+    pipe.model.config.return_dict = False  # a user's setting for their own tuple-unpacking code
+    try:
+        kwargs["generator"] = _seed(3)
+        torch.testing.assert_close(pipe(PROMPTS, **kwargs).latents, expected, rtol=0, atol=0)
+    finally:
+        pipe.model.config.return_dict = True
+
+
 def test_callback_on_step_end_sees_every_step(pipe):
     seen = []
 
