@@ -122,5 +122,11 @@ def test_sbert_similarity_from_a_local_folder(wordnet, tmp_path):
     encoder = models.Transformer(str(folder))
     pooling = models.Pooling(encoder.get_word_embedding_dimension())
     sentence_transformers.SentenceTransformer(modules=[encoder, pooling]).save(str(tmp_path / "sbert"))
-    result = caption_metrics(["a red car"], ["a red car"], wordnet=wordnet, sbert_model=tmp_path / "sbert")
-    assert result["scores"]["sbert_similarity"] == pytest.approx(100.0, abs=1e-3)
+    result = caption_metrics(["a red car", "a blue cube"], ["a red car", "a wooden chair"], wordnet=wordnet,
+                             sbert_model=tmp_path / "sbert")
+    same, different = result["per_sample"]
+    assert same["sbert_similarity"] == pytest.approx(100.0, abs=1e-3)
+    embeddings = sentence_transformers.SentenceTransformer(str(tmp_path / "sbert")).encode(
+        ["a wooden chair", "a blue cube"], convert_to_tensor=True)
+    expected = torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0).item()
+    assert different["sbert_similarity"] == pytest.approx(100 * expected, rel=1e-4)

@@ -85,8 +85,7 @@ def test_benchmark_round_trip_rows_per_subset(capsys):
     from cgmllm.cli import default_model_dir
 
     path = default_model_dir().parents[1] / "benchmarks" / "eval_tiny_world.py"
-    if not path.is_file():
-        pytest.skip(f"{path} is not in this checkout")
+    assert path.is_file(), f"{path} is part of the repository"
     spec = importlib.util.spec_from_file_location("eval_tiny_world", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)

@@ -65,8 +65,7 @@ def test_point_cloud_distances_of_mesh_sets(tmp_path):
 
 def test_shipped_tiny_world_pointnet():
     path = tiny_world_pointnet_path()
-    if path is None:
-        pytest.skip("no shipped tiny-world PointNet++ checkpoint")
+    assert path is not None, "the tiny-world PointNet++ must be shipped in checkpoints/tiny-world-pointnet"
     model = load_pointnet(path)
     assert (model.num_classes, model.width_mult, model.feature_dim) == (len(FAMILY_NAMES), 2, 512)
     assert torch.load(path, weights_only=True)["class_names"] == list(FAMILY_NAMES)
