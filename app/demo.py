@@ -217,17 +217,18 @@ class CGMLLMDemo:
 
     @staticmethod
     def _read_image(image):
-        """A PIL image as given (alpha kept: the processor decides how to flatten it), or `(None, message)`."""
-        from PIL import Image, UnidentifiedImageError
+        """A PIL image as given, or the file read as `cgmllm caption` / `generate --image` read it: `(image, None)`, or
+        `(None, the command line's message)`."""
+        from PIL import Image
+
+        from ..cli import CLIError, read_image
 
         if isinstance(image, Image.Image):
             return image, None
         try:
-            with Image.open(Path(getattr(image, "name", image))) as handle:
-                handle.load()
-                return handle.copy(), None
-        except (UnidentifiedImageError, OSError) as error:
-            return None, f"image {Path(str(getattr(image, 'name', image))).name}: not a readable image ({error})."
+            return read_image(getattr(image, "name", image), "image"), None
+        except CLIError as error:
+            return None, str(error)
 
 
 def example_views(folder: str | Path, image_size: int = 128) -> list[str]:

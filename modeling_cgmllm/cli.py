@@ -218,12 +218,15 @@ def run_render(args) -> int:
     return 0
 
 
-def _read_image(path, what: str):
+def read_image(path, what: str):
+    """The image file in its own mode (an alpha channel is kept: the processor composites it on white or drops it, as
+    the official preprocessing does for each task), or a `CLIError` naming `what` and `path`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as handle:
-            return handle.convert("RGB")
+            handle.load()
+            return handle.copy()
     except (UnidentifiedImageError, OSError) as error:
         raise CLIError(f"{what} {path}: not a readable image ({error}).") from error
 
@@ -235,7 +238,7 @@ def run_caption(args) -> int:
     _set_threads(args)
     is_image = path.suffix.lower() in _IMAGE_SUFFIXES
     if is_image:
-        image = _read_image(path, "input")
+        image = read_image(path, "input")
     else:
         from .mesh_utils import load_mesh
 
@@ -269,7 +272,7 @@ def run_generate(args) -> int:
         raise CLIError(f"--steps must be at least 1, got {args.steps}.")
     if args.octree_resolution < 4:
         raise CLIError(f"--octree-resolution must be at least 4, got {args.octree_resolution}.")
-    condition = {"prompt": args.prompt} if args.prompt is not None else {"image": _read_image(args.image, "--image")}
+    condition = {"prompt": args.prompt} if args.prompt is not None else {"image": read_image(args.image, "--image")}
     _set_threads(args)
     import torch
 

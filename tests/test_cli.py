@@ -122,6 +122,20 @@ def test_caption_mesh_and_image(pipe_dir, tmp_path, capsys):
     assert len(trimesh.load(output, force="mesh").faces) > 0
 
 
+def test_caption_of_a_transparent_image_equals_the_python_api(pipe_dir, tmp_path, capsys):
+    # The CLI reads the file as the pipeline does (alpha kept), so the processor flattens transparency as it
+    # would for `pipe.caption(image=path)`; it used to drop the alpha channel first (black where transparent).
+    pixels = (np.random.RandomState(1).rand(48, 48, 4) * 255).astype("uint8")
+    pixels[..., 3] = np.where(np.arange(48)[:, None] < 24, 0, 255)  # the top half transparent
+    image_path = tmp_path / "cutout.png"
+    Image.fromarray(pixels, "RGBA").save(image_path)
+    assert cli.read_image(image_path, "input").mode == "RGBA"
+    assert cli.main(["caption", str(image_path), "--model", str(pipe_dir), "--max-new-tokens", "4"]) == 0
+    pipe = CGMLLMPipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert capsys.readouterr().out.strip() == pipe.caption(image=str(image_path), max_new_tokens=4)[0].strip()
+
+
 def test_caption_and_generate_errors(pipe_dir, tmp_path, capsys, monkeypatch):
     assert cli.main(["caption", str(tmp_path / "missing.ply"), "--model", str(pipe_dir)]) == 2
     assert "no such file" in capsys.readouterr().err
