@@ -17,7 +17,7 @@ from cgmllm import CGMLLMForConditionalGeneration, PointBERTConfig, PointBERTEnc
 from cgmllm.pipelines import CGMLLMPipeline
 from cgmllm.tokenization_cgmllm import QWEN_SPECIAL_TOKENS
 from cgmllm.training.convert import convert_main
-from cgmllm.training.testing import tiny_vae
+from cgmllm.training.testing import official_key, tiny_vae
 
 
 def _qwen_like_tokenizer():
@@ -66,17 +66,7 @@ def _official_checkpoint(qwen_folder, qwen_vocab, point_feature_dim=None, seed=1
                                                          shape_latent_channels=8, point_feature_dim=point_feature_dim)
     official = {}
     for key, value in model.state_dict().items():
-        if key.startswith("model.language_model."):
-            new = "language_model.model." + key[len("model.language_model."):]
-        elif key == "lm_head.weight":
-            new = "language_model.lm_head.weight"
-        elif key.startswith("model.visual."):
-            new = "vit_model." + key[len("model.visual."):]
-        elif key.startswith("model."):
-            new = key[len("model."):]  # time_embedder, obj2llm, obj_und_connector
-        else:
-            new = key  # llm2obj
-        official[new] = torch.randn_like(value)
+        official[official_key(key)] = torch.randn_like(value)
     hidden = official["language_model.model.embed_tokens.weight"].shape[1]
     official["language_model.model.embed_tokens.weight"] = torch.randn(qwen_vocab + 2, hidden)
     official["language_model.lm_head.weight"] = official["language_model.model.embed_tokens.weight"].clone()

@@ -15,7 +15,9 @@ from cgmllm.training.convert import build_main, convert_main, rename_official_ke
 from cgmllm.training.data import load_caption_dataset
 from cgmllm.training.lora import get_cgmllm_lora_model, load_cgmllm_lora, lora_target_modules
 from cgmllm.training.preprocess import encode_dataset
-from cgmllm.training.testing import tiny_model, tiny_model_config, tiny_processor, tiny_vae, write_mesh_folder
+from cgmllm.training.testing import (
+    official_key, tiny_model, tiny_model_config, tiny_processor, tiny_vae, write_mesh_folder,
+)
 from cgmllm.training.trainer import CGMLLMTrainer
 
 
@@ -126,17 +128,7 @@ def _official_state_dict(processor, extra_rows=0):
     ours = tiny_model(processor, seed=5).state_dict()
     official = {}
     for key, value in ours.items():
-        if key.startswith("model.language_model."):
-            new = "language_model.model." + key[len("model.language_model."):]
-        elif key == "lm_head.weight":
-            new = "language_model.lm_head.weight"
-        elif key.startswith("model.visual."):
-            new = "vit_model." + key[len("model.visual."):]
-        elif key.startswith("model."):
-            new = key[len("model."):]  # time_embedder, obj2llm
-        else:
-            new = key  # llm2obj
-        official[new] = torch.randn_like(value)
+        official[official_key(key)] = torch.randn_like(value)
     rows = len(processor.tokenizer) - 1 + extra_rows
     hidden = official["language_model.model.embed_tokens.weight"].shape[1]
     official["language_model.model.embed_tokens.weight"] = torch.randn(rows, hidden)

@@ -93,5 +93,19 @@ def tiny_vae(seed: int = 0, embed_dim: int = 8):
                     pc_size=256, pc_sharpedge_size=0, downsample_ratio=4).eval().requires_grad_(False)
 
 
-__all__ = ["PRIMITIVES", "primitive_mesh", "tiny_model", "tiny_model_config", "tiny_processor", "tiny_vae",
-           "write_mesh_folder"]
+def official_key(key: str) -> str:
+    """This package's state-dict key -> the official release's (official_cgmllm.md §1.2), written out by hand so that
+    converter tests check `convert.RENAMES` against an independent statement of the layout."""
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model."):]
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if key.startswith("model.visual."):
+        return "vit_model." + key[len("model.visual."):]
+    if key.startswith("model."):
+        return key[len("model."):]  # time_embedder, obj2llm, obj_und_connector
+    return key  # llm2obj
+
+
+__all__ = ["PRIMITIVES", "official_key", "primitive_mesh", "tiny_model", "tiny_model_config", "tiny_processor",
+           "tiny_vae", "write_mesh_folder"]
