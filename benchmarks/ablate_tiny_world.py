@@ -173,15 +173,36 @@ def evaluate_arm(arm: str, model, processor, rows, num_steps: int, pointnet) -> 
     return result
 
 
+def import_everything() -> None:
+    """Import every module the job will use now, so that the whole job runs one version of the code even if the
+    checkout changes under it (a merge during a long run) and a module first imported late would be the new one."""
+    import importlib
+    import pkgutil
+
+    for name in ("cgmllm", "cgmllm.pipelines", "cgmllm.training", "cgmllm.training.tiny_world", "cgmllm.evaluation"):
+        package = importlib.import_module(name)
+        for module in pkgutil.iter_modules(package.__path__):
+            if module.name not in ("__main__", "app"):
+                importlib.import_module(f"{name}.{module.name}")
+
+
 def run(args) -> None:
     from cgmllm.evaluation import tiny_world_pointnet_path
     from cgmllm.training.tiny_world.evaluation import heldout_rows, single_shape_rows
 
+    import_everything()
     work = Path(args.work).resolve()
     (work / "results").mkdir(parents=True, exist_ok=True)
     prepare_data(work)
     rows = single_shape_rows(heldout_rows(), args.num)
     pointnet = tiny_world_pointnet_path()
+    floor_path = work / "results" / "floor.json"
+    if not floor_path.is_file():
+        # The p-FID of a generator right on every prompt: the same combinations drawn again with new dimensions.
+        from cgmllm.training.tiny_world.evaluation import point_cloud_distances, redrawn_meshes
+
+        floor = point_cloud_distances(redrawn_meshes(rows), [row["mesh"] for row in rows], pointnet)
+        floor_path.write_text(json.dumps({"p_fid": floor["p_fid"], "num_rows": len(rows)}) + "\n")
     # Seed-major order: every arm's first seed before any second seed, so a cut job still has one seed per arm.
     for seed in args.seeds:
         for arm in args.arms:
@@ -223,7 +244,7 @@ def _cell(values: list[float], kind: str) -> str:
 
 def table(work: Path, arms, seeds) -> str:
     results = {}
-    for path in sorted((work / "results").glob("*.json")):
+    for path in sorted((work / "results").glob("*-seed*.json")):
         result = json.loads(path.read_text())
         results.setdefault(result["arm"], []).append(result)
     lines = ["| arm | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
@@ -238,6 +259,10 @@ def table(work: Path, arms, seeds) -> str:
         lines.append(f"| {ARM_LABELS[arm]} | {seed_list} | " + " | ".join(cells) + " |")
     missing = [f"{arm}-seed{seed}" for seed in seeds for arm in arms if not (work / "results" /
                                                                           f"{arm}-seed{seed}.json").is_file()]
+    floor = work / "results" / "floor.json"
+    if floor.is_file():
+        lines.append(f"\np-FID floor (the prompts' combinations drawn again with new dimensions, scored the same way): "
+                     f"{json.loads(floor.read_text())['p_fid']:.1f}.")
     if missing:
         lines.append(f"\nNot finished: {', '.join(missing)}.")
     return "\n".join(lines)

@@ -72,6 +72,7 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
     for arm in ablate.ARMS:
         if arm != "shared":
             _write_result(tmp_path, arm, 0, text_to_shape=0.5)
+    (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 4.25, "num_rows": 30}))
     trained = []
 
     def train_arm(arm, seed, steps, work):
@@ -89,3 +90,5 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
     # Everything has a result now: a third run trains nothing.
     assert ablate.main(["--work", str(tmp_path), "--seeds", "0"]) == 0
     assert len(trained) == 1
+    assert "p-FID floor (the prompts' combinations drawn again with new dimensions, scored the same way): 4.2" in (
+        ablate.table(tmp_path, list(ablate.ARMS), [0]))
