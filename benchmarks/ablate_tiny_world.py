@@ -20,7 +20,8 @@ from `mot`):
 Each arm x seed writes `WORK/results/<arm>-seed<seed>.json`; a rerun skips finished ones, continues an arm whose
 training was cut from its newest checkpoint (`cgmllm-train --resume`, every `--steps // 4` steps) and re-evaluates
 an arm whose evaluation was cut. The data set (tiny world, seed 0, 2000 + 200) and the latent cache (N = 16, 32, 64)
-are built once into `WORK/data` and `WORK/latents`. Scores are on the first `--num` single-shape held-out rows
+are built once into `WORK/data` and `WORK/latents`; the shipped `tiny_world.yaml` the arms start from is copied to
+`WORK/base_config.yaml` on the first run and read from there afterwards. Scores are on the first `--num` single-shape held-out rows
 (novel and seen combinations alternating), with `cgmllm.training.tiny_world.evaluation`:
 
 * text -> 3D family accuracy (all / novel / seen), p-FID of the generated shapes against the held-out meshes (the
@@ -96,7 +97,12 @@ def prepare_data(work: Path, seed: int = 0) -> Path:
 def arm_config(arm: str, seed: int, steps: int, work: Path) -> Path:
     """Write the arm's `cgmllm-train` config (the shipped tiny-world config with one stage) and return its path."""
     settings = ARMS[arm]
-    config = yaml.safe_load(BASE_CONFIG.read_text())
+    base = work / "base_config.yaml"
+    if not base.is_file():
+        # Kept with the work folder: a later sitting trains its arms from the same config even if the shipped one
+        # changed in between.
+        shutil.copyfile(BASE_CONFIG, base)
+    config = yaml.safe_load(base.read_text())
     run = work / "arms" / f"{arm}-seed{seed}"
     tokens = settings.get("num_shape_tokens", 16)
     config["seed"] = seed
