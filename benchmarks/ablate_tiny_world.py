@@ -21,8 +21,8 @@ Each arm x seed writes `WORK/results/<arm>-seed<seed>.json`; a rerun skips finis
 training was cut from its newest checkpoint (`cgmllm-train --resume`, every `--steps // 4` steps) and re-evaluates
 an arm whose evaluation was cut. The data set (tiny world, seed 0, 2000 + 200) and the latent cache (N = 16, 32, 64)
 are built once into `WORK/data` and `WORK/latents`; the shipped `tiny_world.yaml` the arms start from is copied to
-`WORK/base_config.yaml` on the first run and read from there afterwards. Scores are on the first `--num` single-shape held-out rows
-(novel and seen combinations alternating), with `cgmllm.training.tiny_world.evaluation`:
+`WORK/base_config.yaml` on the first run and read from there afterwards. Scores are on the first `--num`
+single-shape held-out rows (novel and seen combinations alternating), with `cgmllm.training.tiny_world.evaluation`:
 
 * text -> 3D family accuracy (all / novel / seen), p-FID of the generated shapes against the held-out meshes (the
   tiny world's PointNet++), seconds per shape to sample the latents (`output_type="latent"`, no mesh extraction);

@@ -46,8 +46,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_cgmllm import CGMLLMConfig
 from .masking_cgmllm import (
     check_attention_implementation,
-    create_hybrid_attention_mask,
     packed_sample_ids_from_position_ids,
+    prepare_attention,
 )
 
 
@@ -325,9 +325,10 @@ class CGMLLMTextAttention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        # The kernel of this forward (`prepare_attention`): a flash-attn model falls back to flex / sdpa for the
+        # forwards that need the hybrid mask.
+        implementation = kwargs.pop("attention_implementation", None) or self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -394,7 +395,7 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
     config: CGMLLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["CGMLLMTextDecoderLayer", "Qwen3VLVisionBlock"]
-    _supports_flash_attn = False  # the hybrid mask needs sdpa / eager / flex
+    _supports_flash_attn = True  # where no general mask is needed; the other forwards fall back (masking_cgmllm)
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = False
@@ -487,7 +488,11 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         Args:
             inputs_embeds: `(batch, seq_len, hidden)`.
             position_ids: `(3, batch, seq_len)` mRoPE ids.
-            attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
+            attention_mask: the prepared mask (bool / float tensor, `BlockMask`, or flash-attn's 2D padding mask), see
+                `masking_cgmllm.prepare_attention`.
+            attention_implementation (keyword): the kernel of this forward when it differs from the config's (a
+                flash-attn model's flex / sdpa fallback); `is_causal` and flash-attn's varlen keywords also go to the
+                kernel.
             routing: which rows use BlockAR; defaults to all TokenAR.
             output_hidden_states / output_attentions (keyword, or the text config's flags): see the class docstring.
         """
@@ -886,8 +891,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             steps = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
             position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
 
-        # 3. The hybrid mask and the MoT decoder.
-        mask = create_hybrid_attention_mask(
+        # 3. The hybrid mask (or flash-attn's causal flag / varlen layout) and the MoT decoder.
+        attention = prepare_attention(
             config.text_config,
             inputs_embeds,
             attention_mask,
@@ -897,19 +902,15 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             packed_sample_ids,
             cache=cache,
         )
-        attention_kwargs = {}
-        if mask is None and bool((shape_block_ids >= 0).any()):
-            # No mask because the queries form one block that sees everything (a denoising step on an unpadded
-            # prompt), not because attention is causal: sdpa must not fall back to `is_causal`.
-            attention_kwargs["is_causal"] = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
-            attention_mask=mask,
+            attention_mask=attention.mask,
             # One shared transformer (`mixture_of_transformers=False`): 3D rows take the TokenAR weights as well.
             routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows if config.mixture_of_transformers else 0),
             cache=cache,
-            **attention_kwargs,
+            attention_implementation=attention.implementation,
+            **attention.kwargs,
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack_visual_embeds,
             output_hidden_states=_resolve_output_flag(output_hidden_states, config, "output_hidden_states"),

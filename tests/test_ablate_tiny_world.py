@@ -83,7 +83,8 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
     monkeypatch.setattr(ablate, "train_arm", train_arm)
-    monkeypatch.setattr(ablate, "evaluate_arm", lambda arm, model, processor, rows, steps, pointnet: {"mesh_caption": 1.0})
+    monkeypatch.setattr(ablate, "evaluate_arm",
+                        lambda arm, model, processor, rows, steps, pointnet: {"mesh_caption": 1.0})
     monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
     assert ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "12"]) == 0
     assert trained == [("shared", 0, 12)]
