@@ -86,3 +86,29 @@ def test_lora_on_block_ar_is_refused_for_a_shared_transformer():
     _, shared = _models()
     with pytest.raises(ValueError, match="no BlockAR weights"):
         get_cgmllm_lora_model(shared, experts="block_ar", r=2)
+
+
+def test_from_qwen3_vl_builds_the_shared_transformer_at_any_size():
+    # The route to the comparison at scale: both variants from the same Qwen3-VL weights. Fresh from Qwen3-VL the
+    # BlockAR weights are TokenAR copies, so both compute the same; they part once training moves the experts.
+    from conftest import IMAGE, OBJ_END, OBJ_START, VISION_END, VISION_START, tiny_text_config, tiny_vision_config
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    qwen = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=tiny_text_config(), vision_config=tiny_vision_config(), image_token_id=IMAGE, video_token_id=4,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)).eval()
+    ids = dict(obj_start_token_id=OBJ_START, obj_end_token_id=OBJ_END, obj_pad_token_id=OBJ_PAD,
+               shape_latent_channels=8, num_shape_tokens=6)
+    mot = CGMLLMForConditionalGeneration.from_qwen3_vl(qwen, **ids).eval()
+    shared = CGMLLMForConditionalGeneration.from_qwen3_vl(qwen, mixture_of_transformers=False, **ids).eval()
+    assert not [name for name in shared.state_dict() if "_block_ar" in name]
+    # The freshly initialised 3D connector, timestep embedder and velocity head (zero) are random draws: the same
+    # in both, and a non-zero head.
+    with torch.no_grad():
+        mot.llm2obj.weight.normal_(std=0.2, generator=torch.Generator().manual_seed(1))
+    fresh = {k: v for k, v in mot.state_dict().items() if k.startswith(("model.obj2llm.", "model.time_embedder.",
+                                                                         "llm2obj."))}
+    shared.load_state_dict(fresh, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(**_batch()).velocity, mot(**_batch()).velocity, rtol=1e-5, atol=1e-6)
