@@ -340,6 +340,7 @@ class CGMLLMTextAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
+        # BlockAR modules are looked up only when the routing has BlockAR rows (a shared transformer has neither).
         return routing(attn_output, self.o_proj, lambda r: self.o_proj_block_ar(r)), attn_weights
 
 
