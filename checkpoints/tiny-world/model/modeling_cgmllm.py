@@ -8,6 +8,8 @@ Two parameter sets per decoder layer:
                image rows, so a Qwen3-VL state dict loads into it unchanged;
     BlockAR  = a copy with a `_block_ar` suffix (`q_proj_block_ar`, `mlp_block_ar`, ...), used by 3D latent rows.
 Attention is one joint attention over all rows; only projections, norms and MLPs are per expert.
+With `config.mixture_of_transformers=False` there is no BlockAR set: every row, 3D latent rows included, goes through
+the TokenAR weights (one shared transformer, the paper's ablation of MoT).
 """
 
 import math
@@ -253,9 +255,11 @@ class CGMLLMTextAttention(nn.Module):
     """Qwen3-VL attention with a second (BlockAR) set of q/k/v/o projections and q/k norms.
 
     Rows are projected by their own expert, then one joint attention runs over the whole sequence.
+    `block_ar=False` builds the TokenAR projections only (one shared transformer); the routing then sends every row
+    to them.
     """
 
-    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int, block_ar: bool = True):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -276,6 +280,8 @@ class CGMLLMTextAttention(nn.Module):
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias)
         self.q_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if not block_ar:
+            return
         # BlockAR: same shapes, `_block_ar` suffix (the official CG-MLLM key names).
         self.q_proj_block_ar = nn.Linear(config.hidden_size, q_dim, bias=bias)
         self.k_proj_block_ar = nn.Linear(config.hidden_size, kv_dim, bias=bias)
@@ -334,19 +340,23 @@ class CGMLLMTextAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
-        return routing(attn_output, self.o_proj, self.o_proj_block_ar), attn_weights
+        # BlockAR modules are looked up only when the routing has BlockAR rows (a shared transformer has neither).
+        return routing(attn_output, self.o_proj, lambda r: self.o_proj_block_ar(r)), attn_weights
 
 
 class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder layer with per-expert norms and MLPs around the joint attention."""
+    """Pre-norm decoder layer with per-expert norms and MLPs around the joint attention (`block_ar=False`: the
+    TokenAR ones only)."""
 
-    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int, block_ar: bool = True):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = CGMLLMTextAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = CGMLLMTextAttention(config=config, layer_idx=layer_idx, block_ar=block_ar)
         self.mlp = Qwen3VLTextMLP(config)
         self.input_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not block_ar:
+            return
         self.mlp_block_ar = Qwen3VLTextMLP(config)
         self.input_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -361,7 +371,7 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_block_ar)
+        hidden_states = routing(hidden_states, self.input_layernorm, lambda r: self.input_layernorm_block_ar(r))
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -438,22 +448,27 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
     `output_hidden_states` / `output_attentions` are recorded by transformers' output-capturing hooks, as in
     Qwen3-VL: the input embeddings and every decoder layer's output (the last one replaced by the normed
     `last_hidden_state`), and every attention module's weights.
+
+    `mixture_of_transformers=False` (the `CGMLLMConfig` field of the same name) builds no BlockAR parameters; the
+    caller's routing must then send every row to TokenAR (`CGMLLMModel` does).
     """
 
     config_class = Qwen3VLTextConfig
     config: Qwen3VLTextConfig
     _can_record_outputs = {"hidden_states": CGMLLMTextDecoderLayer, "attentions": CGMLLMTextAttention}
 
-    def __init__(self, config: Qwen3VLTextConfig):
+    def __init__(self, config: Qwen3VLTextConfig, mixture_of_transformers: bool = True):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [CGMLLMTextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [CGMLLMTextDecoderLayer(config, layer_idx, block_ar=mixture_of_transformers)
+             for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if mixture_of_transformers:
+            self.norm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3VLTextRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -504,7 +519,7 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                     self, hidden_states, visual_pos_masks, deepstack_visual_embeds[layer_idx]
                 )
 
-        hidden_states = routing(hidden_states, self.norm, self.norm_block_ar)
+        hidden_states = routing(hidden_states, self.norm, lambda r: self.norm_block_ar(r))
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
@@ -563,7 +578,9 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
     def __init__(self, config: CGMLLMConfig):
         CGMLLMPreTrainedModel.__init__(self, config)
         self.visual = Qwen3VLVisionModel._from_config(config.vision_config)
-        self.language_model = CGMLLMTextModel._from_config(config.text_config)
+        self.language_model = CGMLLMTextModel._from_config(
+            config.text_config, mixture_of_transformers=config.mixture_of_transformers
+        )
         hidden_size = config.text_config.hidden_size
         self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
         self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
@@ -919,7 +936,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention.mask,
-            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows),
+            # One shared transformer (`mixture_of_transformers=False`): 3D rows take the TokenAR weights as well.
+            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows if config.mixture_of_transformers else 0),
             cache=cache,
             attention_implementation=attention.implementation,
             **attention.kwargs,
