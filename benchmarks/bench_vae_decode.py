@@ -299,7 +299,8 @@ def main() -> None:
         parser.error("--fields shipped is only offered with --baseline or --chunk-sizes")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.num_chunks} points per field call")
+    per_call = "" if args.chunk_sizes else f", {args.num_chunks} points per field call"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{per_call}")
     if args.baseline is not None:
         compare_with_baseline(args)
         return
