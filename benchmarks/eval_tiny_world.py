@@ -19,6 +19,10 @@ Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tin
   dominated by its estimation error, and the unbiased KID can be negative);
 * mesh -> caption: family-word accuracy, BLEU-1, ROUGE-L and METEOR (`cgmllm.evaluation.caption_metrics`, PointLLM's
   protocol) against the paraphrases;
+* posed trimesh primitives -> caption: `--num-primitives` meshes per family built by trimesh's own constructors
+  (cylinder, cone, torus, box, sphere, capsule, tube, pyramid; `tiny_world.primitives`), re-tessellated, the first
+  as built (axis +Z), the others randomly rotated, scaled and moved: family-word accuracy overall, as built / posed,
+  and per family (meshes the tiny world did not make: does captioning hold beyond its own tessellation and poses?);
 * image -> caption and image -> 3D on the rendered views of the same held-out objects (the data set's camera);
 * block vs token-by-token generation on the same prompts and seeds: wall time ratio and family accuracy of each;
 * with `--by-prompt`, a second table: text -> 3D family accuracy per prompt, worst first.
@@ -45,11 +49,13 @@ def main(argv=None) -> int:
     from cgmllm.evaluation import tiny_world_pointnet_path
     from cgmllm.modeling_shape_vae import ShapeVAE
     from cgmllm.training.tiny_world import load_tiny_world
+    from cgmllm.training.tiny_world.primitives import posed_primitive_rows
     from cgmllm.training.tiny_world.evaluation import (
         family_accuracy_by_prompt,
         heldout_rows,
         image_to_caption,
         point_cloud_distances,
+        primitive_captions,
         redrawn_meshes,
         render_view,
         shape_to_caption,
@@ -64,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="tiny-world data folder (default: rebuild the held-out split)")
     parser.add_argument("--num", type=int, default=40, help="held-out prompts / meshes per measurement")
     parser.add_argument("--num-token", type=int, default=10, help="prompts of the block vs token comparison")
+    parser.add_argument("--num-primitives", type=int, default=10,
+                        help="posed trimesh primitives per family to caption (8 families)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=[0.4, 1.0], metavar=("LOW", "HIGH"),
@@ -140,6 +148,16 @@ def main(argv=None) -> int:
               ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
               ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}"),
               ("mesh->caption METEOR", f"{captions['meteor']:.1f}")]
+    if args.verbose:
+        print("posed trimesh primitives -> caption:")
+    primitives = primitive_captions(pipe, posed_primitive_rows(args.num_primitives, seed=args.seed),
+                                    verbose=args.verbose)
+    table += [(f"posed trimesh primitives -> caption family-word accuracy ({primitives['count']})",
+               f"{primitives['family_word_accuracy']:.0%}"),
+              ("posed trimesh primitives: as built (axis +Z) / randomly posed",
+               f"{primitives['as_built_accuracy']:.0%} / {primitives['posed_accuracy']:.0%}"),
+              ("posed trimesh primitives: right per family", ", ".join(
+                  f"{family} {right}/{total}" for family, (right, total) in primitives["by_family"].items()))]
     views = [dict(row, image=render_view(row)) for row in rows]  # rendered once for both image measurements
     if args.verbose:
         print("image -> caption:")

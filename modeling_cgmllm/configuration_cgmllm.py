@@ -30,6 +30,11 @@ class CGMLLMConfig(Qwen3VLConfig):
             A smaller value generates an object as `num_shape_tokens // shape_block_size` sequential blocks: the
             training collator lays generation targets out block-wise with it (`cgmllm-train` passes it on) and
             `CGMLLMPipeline` samples block by block with it unless told otherwise.
+        mixture_of_transformers (`bool`, defaults to `True`):
+            `True`: every decoder layer has two parameter sets, TokenAR (text and image rows) and BlockAR (3D latent
+            rows), as in the released model. `False`: one shared transformer: 3D latent rows go through the TokenAR
+            weights and no BlockAR parameters are built (the paper's "shared" ablation, MoT 30.6 vs shared 44.9
+            p-FID). Attention, the 3D connector, timestep embedder and velocity head are the same either way.
         timestep_embedding_dim (`int`, defaults to 256):
             Size of the sinusoidal features fed to the timestep MLP.
         timestep_shift (`float`, defaults to 1.0):
@@ -65,6 +70,7 @@ class CGMLLMConfig(Qwen3VLConfig):
     shape_latent_channels: int = 64
     num_shape_tokens: int = 4096
     shape_block_size: int | None = None
+    mixture_of_transformers: bool = True
     timestep_embedding_dim: int = 256
     timestep_shift: float | int = 1.0
     timestep_logit_mean: float | int = 0.0

@@ -106,3 +106,31 @@ def tiny_model():
 
 def shape_span(num_rows):
     return [OBJ_START] + [OBJ_PAD] * num_rows + [OBJ_END]
+
+
+# Training fixtures shared by the training test modules (module scope: built once per module, as before). A module
+# that needs another processor (e.g. the official image preprocessing) defines its own `processor`, which wins.
+@pytest.fixture(scope="module")
+def processor():
+    """The tiny CG-MLLM processor (`cgmllm.training.testing.tiny_processor`)."""
+    from cgmllm.training.testing import tiny_processor
+
+    return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def mesh_folder(tmp_path_factory):
+    """A caption-set folder of primitive meshes in the plain mesh-folder layout."""
+    from cgmllm.training.testing import write_mesh_folder
+
+    return write_mesh_folder(tmp_path_factory.mktemp("meshes") / "data")
+
+
+@pytest.fixture(scope="module")
+def cache(mesh_folder):
+    """`mesh_folder` encoded by the tiny ShapeVAE into a latent cache at 4 and 8 latent tokens."""
+    from cgmllm.training.data import load_caption_dataset
+    from cgmllm.training.preprocess import encode_dataset
+    from cgmllm.training.testing import tiny_vae
+
+    return encode_dataset(load_caption_dataset(mesh_folder), tiny_vae(), [4, 8])

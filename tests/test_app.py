@@ -7,7 +7,6 @@ on 127.0.0.1 and driven through `gradio_client`, and one end-to-end check in hea
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +36,6 @@ def pipe():
 @pytest.fixture
 def demo(pipe, tmp_path):
     return CGMLLMDemo(pipe, output_dir=tmp_path / "results")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_text_to_3d_writes_every_format_and_a_preview(demo):
@@ -108,13 +101,14 @@ def test_bad_inputs_return_the_command_lines_messages(demo, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def served(pipe, tmp_path_factory):
-    """The app on 127.0.0.1 (a free port), as `cgmllm app` serves it: a queue of one request at a time."""
+    """The app on 127.0.0.1, as `cgmllm app` serves it: a queue of one request at a time. Gradio picks the port itself
+    (the first free one from 7860 on, bound by its own server), so no other process can take it between a probe and
+    the launch."""
     demo = CGMLLMDemo(pipe, output_dir=tmp_path_factory.mktemp("served"))
     app = build_app(pipe, demo=demo, settings=QUICK)
-    port = _free_port()
-    app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+    app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
                                                   quiet=True)
-    yield f"http://127.0.0.1:{port}/"
+    yield f"http://127.0.0.1:{app.server_port}/"
     app.close()
     demo.close()
 

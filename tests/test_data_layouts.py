@@ -17,7 +17,7 @@ from cgmllm.training.collator import CGMLLMDataCollator
 from cgmllm.training.data import example_surface, load_caption_dataset
 from cgmllm.training.preprocess import encode_dataset
 from cgmllm.training.preprocess import main as preprocess_main
-from cgmllm.training.testing import primitive_mesh, tiny_processor, tiny_vae, write_mesh_folder
+from cgmllm.training.testing import primitive_mesh, tiny_vae, write_mesh_folder
 
 
 def _png(seed: int) -> bytes:
@@ -60,11 +60,6 @@ def write_t500k_folder(folder: Path, with_captions: bool = True, rows_per_file=(
             index += 1
         pd.DataFrame(frame).to_parquet(folder / f"{shard:06d}.parquet", index=False)
     return arrays
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
 
 
 # 1. CG-MLLM t500k -----------------------------------------------------------------------------------------------------

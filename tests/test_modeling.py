@@ -366,8 +366,8 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
         tiny_model(input_ids=torch.tensor([[11, VISION_START, IMAGE, IMAGE, VISION_END]]))
     with pytest.raises(ValueError, match="Unbalanced"):
         tiny_model(input_ids=torch.tensor([[11, OBJ_END, 12]]))
-    tiny_model.config.text_config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="attention implementation"):
+    tiny_model.config.text_config._attn_implementation = "flash_attention_3"
+    with pytest.raises(ValueError, match="cannot run attn_implementation='flash_attention_3'"):
         tiny_model(input_ids=torch.tensor([[11, 12]]))
 
 

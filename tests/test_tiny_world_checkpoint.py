@@ -100,3 +100,19 @@ def test_benchmark_round_trip_rows_per_subset(capsys):
     novel, seen = (percent[f"ShapeVAE round-trip family accuracy, {name} combinations (2)"]
                    for name in ("novel", "seen"))
     assert percent["ShapeVAE round-trip family accuracy, all"] == pytest.approx((novel + seen) / 2, abs=1)
+
+
+def test_posed_sphere_primitives_are_captioned_as_spheres(pipe):
+    # trimesh's own spheres (UV and icospheres, other tessellations than the tiny world's), as built and randomly
+    # posed: the family the shipped checkpoint names in every pose (`eval_tiny_world.py` reports every family).
+    from cgmllm.training.tiny_world.evaluation import names_family, primitive_captions
+    from cgmllm.training.tiny_world.primitives import posed_primitive_rows
+
+    rows = posed_primitive_rows(3, families=("sphere", "cylinder"))
+    result = primitive_captions(pipe, rows, max_new_tokens=16)
+    assert result["count"] == 6 and len(result["captions"]) == 6
+    assert result["by_family"]["sphere"] == (3, 3), result["captions"]
+    hits = [names_family(caption, row["family"]) for caption, row in zip(result["captions"], rows)]
+    assert result["by_family"]["cylinder"] == (sum(hits[3:]), 3)
+    assert result["family_word_accuracy"] == pytest.approx(sum(hits) / 6)
+    assert result["as_built_accuracy"] == pytest.approx((hits[0] + hits[3]) / 2)

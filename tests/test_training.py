@@ -13,26 +13,11 @@ from cgmllm.training.collator import CGMLLMDataCollator
 from cgmllm.training.data import load_caption_dataset
 from cgmllm.training.preprocess import encode_dataset
 from cgmllm.training.preprocess import main as preprocess_main
-from cgmllm.training.testing import PRIMITIVES, primitive_mesh, tiny_model, tiny_processor, tiny_vae, write_mesh_folder
+from cgmllm.training.testing import PRIMITIVES, primitive_mesh, tiny_model, tiny_vae, write_mesh_folder
 from cgmllm.training.trainer import EMA_WEIGHTS_NAME, CGMLLMTrainer
 
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
-
-
-@pytest.fixture(scope="module")
-def mesh_folder(tmp_path_factory):
-    return write_mesh_folder(tmp_path_factory.mktemp("meshes") / "data")
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def cache(mesh_folder):
-    return encode_dataset(load_caption_dataset(mesh_folder), tiny_vae(), [4, 8])
 
 
 def _args(out, **kwargs):

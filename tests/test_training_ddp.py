@@ -1,7 +1,7 @@
 """DDP: two CPU processes (gloo) train the tiny model with CGMLLMTrainer, stay in sync and save one checkpoint."""
 
 import json
-import socket
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,19 +44,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_ddp_training(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               # torchrun's own rendezvous on a port it binds itself: no probe-then-bind race with other processes.
+               "--standalone", str(script), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=110,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

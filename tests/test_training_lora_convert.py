@@ -16,14 +16,9 @@ from cgmllm.training.data import load_caption_dataset
 from cgmllm.training.lora import get_cgmllm_lora_model, load_cgmllm_lora, lora_target_modules
 from cgmllm.training.preprocess import encode_dataset
 from cgmllm.training.testing import (
-    official_key, tiny_model, tiny_model_config, tiny_processor, tiny_vae, write_mesh_folder,
+    official_key, tiny_model, tiny_model_config, tiny_vae, write_mesh_folder,
 )
 from cgmllm.training.trainer import CGMLLMTrainer
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
 
 
 # 7. LoRA --------------------------------------------------------------------------------------------------------------

@@ -18,28 +18,12 @@ from transformers import TrainerCallback, TrainingArguments
 from cgmllm.training.checks import NonFiniteLossError
 from cgmllm.training.cli import load_config, train_main
 from cgmllm.training.collator import CGMLLMDataCollator
-from cgmllm.training.data import load_caption_dataset
 from cgmllm.training.preprocess import encode_dataset, load_shape_vae
-from cgmllm.training.testing import PRIMITIVES, tiny_model, tiny_processor, tiny_vae, write_mesh_folder
+from cgmllm.training.testing import PRIMITIVES, tiny_model, tiny_vae
 from cgmllm.training.trainer import EMA_WEIGHTS_NAME, CGMLLMTrainer, EMACallback
 
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "example.yaml"
-
-
-@pytest.fixture(scope="module")
-def mesh_folder(tmp_path_factory):
-    return write_mesh_folder(tmp_path_factory.mktemp("meshes") / "data")
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def cache(mesh_folder):
-    return encode_dataset(load_caption_dataset(mesh_folder), tiny_vae(), [4, 8])
 
 
 def _args(out, **kwargs):

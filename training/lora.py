@@ -50,6 +50,10 @@ def cgmllm_lora_config(experts: str = "both", r: int = 16, lora_alpha: int = 32,
 
 def get_cgmllm_lora_model(model, experts: str = "both", r: int = 16, lora_alpha: int = 32, **kwargs) -> PeftModel:
     """Wrap a `CGMLLMForConditionalGeneration` in a `PeftModel` with LoRA on the chosen experts."""
+    if experts == "block_ar" and not getattr(model.config, "mixture_of_transformers", True):
+        raise ValueError("experts='block_ar': this model is one shared transformer (config."
+                         "mixture_of_transformers=False), it has no BlockAR weights; its 3D rows use the TokenAR "
+                         "ones (experts='token_ar').")
     return get_peft_model(model, cgmllm_lora_config(experts, r=r, lora_alpha=lora_alpha, **kwargs))
 
 

@@ -56,7 +56,8 @@ def tiny_processor(texts=None, vocab_size: int = 300):
 
 
 def tiny_model_config(processor, shape_latent_channels: int = 8, num_shape_tokens: int = 8, hidden_size: int = 32,
-                      num_hidden_layers: int = 2, intermediate_size: int = 37, point_feature_dim: int | None = None):
+                      num_hidden_layers: int = 2, intermediate_size: int = 37, point_feature_dim: int | None = None,
+                      shape_block_size: int | None = None, mixture_of_transformers: bool = True):
     from cgmllm import CGMLLMConfig
 
     head_dim = hidden_size // 4
@@ -75,7 +76,8 @@ def tiny_model_config(processor, shape_latent_channels: int = 8, num_shape_token
                          num_position_embeddings=16, deepstack_visual_indexes=[0])
     return CGMLLMConfig(text_config=text_config, vision_config=vision_config, video_token_id=processor.token_id(
         "<|video_pad|>"), shape_latent_channels=shape_latent_channels, num_shape_tokens=num_shape_tokens,
-        point_feature_dim=point_feature_dim, **processor.special_token_ids)
+        point_feature_dim=point_feature_dim, shape_block_size=shape_block_size,
+        mixture_of_transformers=mixture_of_transformers, **processor.special_token_ids)
 
 
 def tiny_model(processor, seed: int = 0, **kwargs):

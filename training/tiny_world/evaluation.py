@@ -13,6 +13,8 @@ numbers, so the benchmark prints them as a table and the test suite checks a flo
                          `cgmllm.evaluation.caption_metrics` (PointLLM's protocol: BLEU-1..4, ROUGE-L, METEOR, x100)
                          against the sample's paraphrases as references;
 * `image_to_caption`     the same for the rendered views (the data set's `image` column);
+* `primitive_captions`   caption trimesh primitives in any pose and tessellation (`primitives.posed_primitive_rows`:
+                         meshes the tiny world did not make); family-word accuracy, per family and as built vs posed;
 * `text_to_shape(..., condition="image")`  image -> 3D from the rendered views, scored as text -> 3D;
 * `family_accuracy_by_prompt`  text -> 3D family accuracy per prompt, worst first (which combinations fail);
 * `point_cloud_distances`  p-FID / p-KID (`cgmllm.evaluation.compute_pfid_pkid`) of generated meshes against the
@@ -221,22 +223,51 @@ def shape_to_caption(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch
     """Caption the ground-truth meshes (or, `condition="image"`, their rendered views); family-word accuracy and
     the mean caption metrics (x100) against every paraphrase of the row: `bleu1`, `rouge_l`, `meteor` and the full
     `caption_metrics` scores under `scores`."""
+    captions = _caption_rows(pipe, rows, condition, max_new_tokens, batch_size, verbose)
+    hits = sum(names_family(caption, row["family"]) for caption, row in zip(captions, rows))
+    scores = caption_metrics(captions, [row["captions"] or [row["caption"]] for row in rows])["scores"]
+    return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": scores["bleu_1"],
+            "rouge_l": scores["rouge_l"], "meteor": scores["meteor"], "scores": scores, "count": len(rows),
+            "captions": captions}
+
+
+def _caption_rows(pipe, rows: Sequence[dict], condition: str, max_new_tokens: int, batch_size: int,
+                  verbose: bool) -> list[str]:
+    """The pipeline's caption of every row's `mesh` (`condition="mesh"`) or rendered view (`"image"`)."""
     if condition not in ("mesh", "image"):
         raise ValueError(f"condition must be 'mesh' or 'image', got {condition!r}.")
-    hits, captions = 0, []
+    captions = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         inputs = ({"mesh": [row["mesh"] for row in batch]} if condition == "mesh"
                   else {"image": [render_view(row) for row in batch]})
         for row, caption in zip(batch, pipe.caption(**inputs, max_new_tokens=max_new_tokens)):
-            hits += names_family(caption, row["family"])
             captions.append(caption)
             if verbose:
                 print(f"  {row['caption']!r:48} <- {caption!r}", flush=True)
-    scores = caption_metrics(captions, [row["captions"] or [row["caption"]] for row in rows])["scores"]
-    return {"family_word_accuracy": hits / max(len(rows), 1), "bleu1": scores["bleu_1"],
-            "rouge_l": scores["rouge_l"], "meteor": scores["meteor"], "scores": scores, "count": len(rows),
-            "captions": captions}
+    return captions
+
+
+@torch.no_grad()
+def primitive_captions(pipe, rows: Sequence[dict], max_new_tokens: int = 24, batch_size: int = 10,
+                       verbose: bool = False) -> dict:
+    """Caption meshes that the tiny world did not make (`primitives.posed_primitive_rows`: trimesh primitives in any
+    pose and tessellation) and score the family words (`names_family`): `family_word_accuracy` over all rows,
+    `by_family` (`{family: (right, total)}`, in row order), `as_built_accuracy` over the rows left as trimesh builds
+    them (`posed` false) and `posed_accuracy` over the others, with the `captions`. There are no reference
+    captions to compute BLEU against: a trimesh call is not a description."""
+    captions = _caption_rows(pipe, rows, "mesh", max_new_tokens, batch_size, verbose)
+    hits = [names_family(caption, row["family"]) for caption, row in zip(captions, rows)]
+    by_family: dict[str, tuple[int, int]] = {}
+    for row, hit in zip(rows, hits):
+        right, total = by_family.get(row["family"], (0, 0))
+        by_family[row["family"]] = (right + hit, total + 1)
+    as_built = [hit for row, hit in zip(rows, hits) if not row["posed"]]
+    posed = [hit for row, hit in zip(rows, hits) if row["posed"]]
+    return {"family_word_accuracy": sum(hits) / max(len(rows), 1), "by_family": by_family,
+            "as_built_accuracy": sum(as_built) / len(as_built) if as_built else float("nan"),
+            "posed_accuracy": sum(posed) / len(posed) if posed else float("nan"),
+            "count": len(rows), "captions": captions}
 
 
 def image_to_caption(pipe, rows: Sequence[dict], **kwargs) -> dict:

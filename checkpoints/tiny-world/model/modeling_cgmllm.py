@@ -8,6 +8,8 @@ Two parameter sets per decoder layer:
                image rows, so a Qwen3-VL state dict loads into it unchanged;
     BlockAR  = a copy with a `_block_ar` suffix (`q_proj_block_ar`, `mlp_block_ar`, ...), used by 3D latent rows.
 Attention is one joint attention over all rows; only projections, norms and MLPs are per expert.
+With `config.mixture_of_transformers=False` there is no BlockAR set: every row, 3D latent rows included, goes through
+the TokenAR weights (one shared transformer, the paper's ablation of MoT).
 """
 
 import math
@@ -44,8 +46,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_cgmllm import CGMLLMConfig
 from .masking_cgmllm import (
     check_attention_implementation,
-    create_hybrid_attention_mask,
     packed_sample_ids_from_position_ids,
+    prepare_attention,
 )
 
 
@@ -253,9 +255,11 @@ class CGMLLMTextAttention(nn.Module):
     """Qwen3-VL attention with a second (BlockAR) set of q/k/v/o projections and q/k norms.
 
     Rows are projected by their own expert, then one joint attention runs over the whole sequence.
+    `block_ar=False` builds the TokenAR projections only (one shared transformer); the routing then sends every row
+    to them.
     """
 
-    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int, block_ar: bool = True):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -276,6 +280,8 @@ class CGMLLMTextAttention(nn.Module):
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias)
         self.q_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = Qwen3VLTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if not block_ar:
+            return
         # BlockAR: same shapes, `_block_ar` suffix (the official CG-MLLM key names).
         self.q_proj_block_ar = nn.Linear(config.hidden_size, q_dim, bias=bias)
         self.k_proj_block_ar = nn.Linear(config.hidden_size, kv_dim, bias=bias)
@@ -319,9 +325,10 @@ class CGMLLMTextAttention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        # The kernel of this forward (`prepare_attention`): a flash-attn model falls back to flex / sdpa for the
+        # forwards that need the hybrid mask.
+        implementation = kwargs.pop("attention_implementation", None) or self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -333,19 +340,23 @@ class CGMLLMTextAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
-        return routing(attn_output, self.o_proj, self.o_proj_block_ar), attn_weights
+        # BlockAR modules are looked up only when the routing has BlockAR rows (a shared transformer has neither).
+        return routing(attn_output, self.o_proj, lambda r: self.o_proj_block_ar(r)), attn_weights
 
 
 class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder layer with per-expert norms and MLPs around the joint attention."""
+    """Pre-norm decoder layer with per-expert norms and MLPs around the joint attention (`block_ar=False`: the
+    TokenAR ones only)."""
 
-    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int):
+    def __init__(self, config: Qwen3VLTextConfig, layer_idx: int, block_ar: bool = True):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = CGMLLMTextAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = CGMLLMTextAttention(config=config, layer_idx=layer_idx, block_ar=block_ar)
         self.mlp = Qwen3VLTextMLP(config)
         self.input_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if not block_ar:
+            return
         self.mlp_block_ar = Qwen3VLTextMLP(config)
         self.input_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -360,7 +371,7 @@ class CGMLLMTextDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_block_ar)
+        hidden_states = routing(hidden_states, self.input_layernorm, lambda r: self.input_layernorm_block_ar(r))
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -385,7 +396,7 @@ class CGMLLMPreTrainedModel(Qwen3VLPreTrainedModel):
     config: CGMLLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["CGMLLMTextDecoderLayer", "Qwen3VLVisionBlock"]
-    _supports_flash_attn = False  # the hybrid mask needs sdpa / eager / flex
+    _supports_flash_attn = True  # where no general mask is needed; the other forwards fall back (masking_cgmllm)
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = False
@@ -437,22 +448,27 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
     `output_hidden_states` / `output_attentions` are recorded by transformers' output-capturing hooks, as in
     Qwen3-VL: the input embeddings and every decoder layer's output (the last one replaced by the normed
     `last_hidden_state`), and every attention module's weights.
+
+    `mixture_of_transformers=False` (the `CGMLLMConfig` field of the same name) builds no BlockAR parameters; the
+    caller's routing must then send every row to TokenAR (`CGMLLMModel` does).
     """
 
     config_class = Qwen3VLTextConfig
     config: Qwen3VLTextConfig
     _can_record_outputs = {"hidden_states": CGMLLMTextDecoderLayer, "attentions": CGMLLMTextAttention}
 
-    def __init__(self, config: Qwen3VLTextConfig):
+    def __init__(self, config: Qwen3VLTextConfig, mixture_of_transformers: bool = True):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [CGMLLMTextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [CGMLLMTextDecoderLayer(config, layer_idx, block_ar=mixture_of_transformers)
+             for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if mixture_of_transformers:
+            self.norm_block_ar = Qwen3VLTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3VLTextRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -473,7 +489,11 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
         Args:
             inputs_embeds: `(batch, seq_len, hidden)`.
             position_ids: `(3, batch, seq_len)` mRoPE ids.
-            attention_mask: the prepared mask (bool / float tensor or `BlockMask`), see `masking_cgmllm`.
+            attention_mask: the prepared mask (bool / float tensor, `BlockMask`, or flash-attn's 2D padding mask), see
+                `masking_cgmllm.prepare_attention`.
+            attention_implementation (keyword): the kernel of this forward when it differs from the config's (a
+                flash-attn model's flex / sdpa fallback); `is_causal` and flash-attn's varlen keywords also go to the
+                kernel.
             routing: which rows use BlockAR; defaults to all TokenAR.
             output_hidden_states / output_attentions (keyword, or the text config's flags): see the class docstring.
         """
@@ -499,7 +519,7 @@ class CGMLLMTextModel(CGMLLMPreTrainedModel):
                     self, hidden_states, visual_pos_masks, deepstack_visual_embeds[layer_idx]
                 )
 
-        hidden_states = routing(hidden_states, self.norm, self.norm_block_ar)
+        hidden_states = routing(hidden_states, self.norm, lambda r: self.norm_block_ar(r))
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
@@ -535,7 +555,9 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
     def __init__(self, config: CGMLLMConfig):
         CGMLLMPreTrainedModel.__init__(self, config)
         self.visual = Qwen3VLVisionModel._from_config(config.vision_config)
-        self.language_model = CGMLLMTextModel._from_config(config.text_config)
+        self.language_model = CGMLLMTextModel._from_config(
+            config.text_config, mixture_of_transformers=config.mixture_of_transformers
+        )
         hidden_size = config.text_config.hidden_size
         self.obj2llm = nn.Linear(config.shape_latent_channels, hidden_size)
         self.time_embedder = CGMLLMTimestepEmbedder(hidden_size, config.timestep_embedding_dim)
@@ -870,8 +892,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             steps = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
             position_ids = (steps[None] + self.rope_deltas).unsqueeze(0).expand(3, -1, -1)
 
-        # 3. The hybrid mask and the MoT decoder.
-        mask = create_hybrid_attention_mask(
+        # 3. The hybrid mask (or flash-attn's causal flag / varlen layout) and the MoT decoder.
+        attention = prepare_attention(
             config.text_config,
             inputs_embeds,
             attention_mask,
@@ -881,18 +903,15 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             packed_sample_ids,
             cache=cache,
         )
-        attention_kwargs = {}
-        if mask is None and bool((shape_block_ids >= 0).any()):
-            # No mask because the queries form one block that sees everything (a denoising step on an unpadded
-            # prompt), not because attention is causal: sdpa must not fall back to `is_causal`.
-            attention_kwargs["is_causal"] = False
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
-            attention_mask=mask,
-            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows),
+            attention_mask=attention.mask,
+            # One shared transformer (`mixture_of_transformers=False`): 3D rows take the TokenAR weights as well.
+            routing=ExpertRouting(shape_row_mask, num_block_ar=num_shape_rows if config.mixture_of_transformers else 0),
             cache=cache,
-            **attention_kwargs,
+            attention_implementation=attention.implementation,
+            **attention.kwargs,
             visual_pos_masks=visual_pos_masks,
             deepstack_visual_embeds=deepstack_visual_embeds,
             output_hidden_states=_resolve_output_flag(output_hidden_states, config, "output_hidden_states"),
