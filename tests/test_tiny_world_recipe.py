@@ -1,4 +1,5 @@
-"""Smoke test of the one-command tiny-world recipe: data set -> ShapeVAE -> latent cache -> stages -> pipeline."""
+"""Smoke test of the one-command tiny-world recipe: data set -> ShapeVAE -> latent cache -> stages -> pipeline ->
+PointNet++ (p-FID classifier)."""
 
 import json
 
@@ -7,8 +8,10 @@ import torch
 import yaml
 
 from cgmllm import cli
+from cgmllm.evaluation import load_pointnet
 from cgmllm.pipelines import CGMLLMPipeline
 from cgmllm.training import train_vae
+from cgmllm.training.tiny_world import FAMILY_NAMES
 from cgmllm.training.tiny_world import recipe as tiny_world_recipe
 from cgmllm.training.cli import load_config
 
@@ -33,7 +36,9 @@ SMOKE_CONFIG = {
     ],
 }
 SMOKE_ARGS = ["--num-train", "6", "--num-heldout", "2", "--vae-steps", "2", "--vae-width", "32", "--vae-batch-size",
-              "2", "--num-near", "64", "--num-uniform", "64", "--queries-per-step", "32", "--num-workers", "0"]
+              "2", "--num-near", "64", "--num-uniform", "64", "--queries-per-step", "32", "--num-workers", "0",
+              "--pointnet-num-train", "8", "--pointnet-num-heldout", "2", "--pointnet-steps", "1",
+              "--pointnet-batch-size", "4", "--pointnet-head-steps", "2", "--pointnet-width-mult", "1"]
 
 
 def _smoke_config(tmp_path):
@@ -49,7 +54,7 @@ def test_recipe_smoke(tmp_path):
         "--out", str(out), "--config", str(config_path), *SMOKE_ARGS, "--embed-dim", "4", "--vae-stretch", "1.5",
         "--vae-rotate", "0.25", "--vae-steps", "4", "--batch-scale", "2",
     ])
-    assert set(summary["timings"]) == {"dataset", "vae", "latents", "stages", "save"}
+    assert set(summary["timings"]) == {"dataset", "vae", "latents", "stages", "save", "pointnet"}
     assert [s["num_shape_tokens"] for s in summary["stages"]] == [4, 4, 8]
     assert summary["device"].startswith("cpu") and summary["batch_scale"] == 2 and summary["compile"] is False
     # --batch-scale 2: twice the batch for half the steps in every phase (the ShapeVAE's 4 steps at batch 2 are 2
@@ -64,6 +69,11 @@ def test_recipe_smoke(tmp_path):
     assert json.loads((out / "vae_run" / "metrics.json").read_text())["augment"] == {"stretch": 1.5, "rotate": 0.25}
     card = (out / "pipeline" / "README.md").read_text()
     assert "stretches up to 1.5x, random rotations of 25% of the training samples" in card
+    # The p-FID classifier phase: Point-E's layout, read by the evaluation's loader, with its accuracy and card.
+    pointnet = load_pointnet(out / "pointnet" / "pointnet.pt")
+    assert (pointnet.num_classes, pointnet.width_mult) == (len(FAMILY_NAMES), 1)
+    assert summary["pointnet"]["num_heldout"] == 2 and 0 <= summary["pointnet"]["heldout_accuracy"] <= 1
+    assert "held-out family accuracy (2 shapes" in (out / "pointnet" / "README.md").read_text()
 
     pipe = CGMLLMPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -94,8 +104,13 @@ def test_recipe_resumes_to_the_uninterrupted_pipeline(tmp_path):
     summary = tiny_world_recipe.main(["--out", str(out), *args, "--resume"])
     assert [s["num_shape_tokens"] for s in summary["stages"]] == [4, 4, 8]
     assert json.loads((out / "recipe_state.json").read_text())["done"] == [
-        "dataset", "vae", "latents", "stages", "save"]
+        "dataset", "vae", "latents", "stages", "save", "pointnet"]
 
+    straight_pointnet = torch.load(tmp_path / "straight" / "pointnet" / "pointnet.pt", weights_only=True)
+    for name, value in straight_pointnet["model_state_dict"].items():  # seeded: the same classifier in sittings
+        torch.testing.assert_close(
+            torch.load(out / "pointnet" / "pointnet.pt", weights_only=True)["model_state_dict"][name], value,
+            rtol=0, atol=0, msg=f"pointnet: {name}")
     for weights in ("vae/diffusion_pytorch_model.safetensors", "model/model.safetensors"):
         straight = load_file(tmp_path / "straight" / "pipeline" / weights)
         resumed = load_file(out / "pipeline" / weights)
@@ -104,8 +119,10 @@ def test_recipe_resumes_to_the_uninterrupted_pipeline(tmp_path):
             torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=f"{weights}: {name}")
 
     # Resuming a finished run redoes nothing but the (cheap) save.
+    pointnet_written = (out / "pointnet" / "pointnet.pt").stat().st_mtime_ns
     again = tiny_world_recipe.main(["--out", str(out), *args, "--resume"])
-    assert again["stages"] == summary["stages"]
+    assert again["stages"] == summary["stages"] and again["pointnet"] == summary["pointnet"]
+    assert (out / "pointnet" / "pointnet.pt").stat().st_mtime_ns == pointnet_written
 
 
 def test_batch_scale_keeps_the_samples_of_every_stage(tmp_path):

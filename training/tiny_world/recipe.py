@@ -10,13 +10,17 @@
    (`preprocess.encode_dataset` + `save_to_disk`, columns `latents_<N>`, the views carried along for the image
    tasks);
 4. run the config's stages (`cgmllm-train`: stage 1 alignment + progressive stage 2) into `OUT/stages`;
-5. save the pipeline (model + VAE + scheduler + processor) to `OUT/pipeline` (`cgmllm generate --model OUT/pipeline`).
+5. save the pipeline (model + VAE + scheduler + processor) to `OUT/pipeline` (`cgmllm generate --model OUT/pipeline`);
+6. train the tiny world's PointNet++ p-FID classifier (`cgmllm.training.tiny_world.pointnet`, Point-E's architecture
+   and file layout) into `OUT/pointnet` (`pointnet.pt`, `summary.json` with its held-out accuracy, model card), the
+   feature extractor of `benchmarks/eval_tiny_world.py`'s p-FID / p-KID rows (`--no-pointnet` skips it).
 
 Every phase's wall time goes to `OUT/timings.json`.
 
 Several sittings (`--resume`): every finished phase is recorded in `OUT/recipe_state.json`, and each phase keeps
 its own checkpoints: the ShapeVAE every `--vae-save-every` steps (`train_vae --resume`), the latent cache written to
-a temporary folder and renamed, the stages through `cgmllm-train --resume`. After a kill (or Ctrl-C) at any moment,
+a temporary folder and renamed, the stages through `cgmllm-train --resume`; the PointNet++ phase (minutes) is redone
+whole if it was interrupted. After a kill (or Ctrl-C) at any moment,
 the same command with `--resume` continues where it stopped and trains exactly what one uninterrupted run trains;
 `--vae-stop-after K` ends a sitting after K more ShapeVAE steps. A second run into the same `--out` without
 `--resume` is refused, and so is `--resume` with other arguments (named) than the run it continues.
@@ -222,9 +226,8 @@ def run_recipe(args) -> dict:
     from ..data import load_caption_dataset
     from ..preprocess import encode_dataset
     from .dataset import build_tiny_world_dataset
-    from ..train_vae import main as train_vae_main
-
     from ..devices import describe_device, resolve_device
+    from ..train_vae import main as train_vae_main
 
     device = resolve_device(args.device)  # a missing GPU is an error before any work
     if device.index is not None:
@@ -309,6 +312,24 @@ def run_recipe(args) -> dict:
     pipe.save_pretrained(out / "pipeline")
     phase("save", start)
 
+    pointnet_summary = None
+    if args.pointnet and "pointnet" in done:
+        print("[recipe] pointnet: done in an earlier sitting", flush=True)
+        pointnet_summary = json.loads((out / "pointnet" / "summary.json").read_text())
+    elif args.pointnet:
+        from .pointnet import train_tiny_world_pointnet
+
+        start = time.perf_counter()
+        pointnet_summary = train_tiny_world_pointnet(
+            out / "pointnet", num_train=args.pointnet_num_train, num_heldout=args.pointnet_num_heldout,
+            steps=args.pointnet_steps, batch_size=args.pointnet_batch_size, head_steps=args.pointnet_head_steps,
+            width_mult=args.pointnet_width_mult,
+            # The data set's seed: its held-out split, and one feature extractor for runs that compare training seeds.
+            seed=args.seed if args.data_seed is None else args.data_seed)
+        print(f"[recipe] PointNet++ held-out family accuracy {pointnet_summary['heldout_accuracy']:.0%} "
+              f"(majority share {pointnet_summary['majority_share']:.0%})", flush=True)
+        phase("pointnet", start)
+
     trained = [name for name, weight in (config.get("tasks") or {}).items()
                if weight and (args.images or name not in IMAGE_TASKS)]
     summary = {"device": describe_device(device), "batch_scale": args.batch_scale, "compile": args.compile,
@@ -316,6 +337,8 @@ def run_recipe(args) -> dict:
                "tasks": ", ".join(TASK_NAMES.get(name, name) for name in trained),
                "stages": [{k: r[k] for k in ("stage", "num_shape_tokens", "train_loss")} for r in results],
                "pipeline": str(out / "pipeline"),
+               "pointnet": pointnet_summary and {k: pointnet_summary[k] for k in ("heldout_accuracy", "majority_share",
+                                                                                   "num_heldout")},
                "pipeline_mb": round(sum(f.stat().st_size for f in (out / "pipeline").rglob("*") if f.is_file()) / 2**20,
                                     2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -328,7 +351,8 @@ def run_recipe(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cgmllm.training.tiny_world.recipe",
                                      description="Tiny world: dataset -> ShapeVAE -> latents -> CG-MLLM stages -> "
-                                     "pipeline folder, on a CPU or a GPU.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "pipeline folder, on a CPU or a GPU.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="cgmllm-train YAML of the CG-MLLM stages")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -367,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-seed", type=int, default=None,
                         help="seed of the data set and its held-out split (default: --seed); fix it to compare "
                              "training seeds on one held-out split")
+    parser.add_argument("--no-pointnet", dest="pointnet", action="store_false",
+                        help="skip the PointNet++ (p-FID classifier) phase (it runs on the CPU, whatever --device)")
+    parser.add_argument("--pointnet-num-train", type=int, default=480, help="PointNet++ training shapes")
+    parser.add_argument("--pointnet-num-heldout", type=int, default=100, help="PointNet++ held-out shapes (accuracy)")
+    parser.add_argument("--pointnet-steps", type=int, default=40, help="PointNet++ end-to-end steps")
+    parser.add_argument("--pointnet-batch-size", type=int, default=8,
+                        help="PointNet++ end-to-end batch size (the head phase uses twice it)")
+    parser.add_argument("--pointnet-head-steps", type=int, default=400,
+                        help="PointNet++ head steps on the frozen set-abstraction features")
+    parser.add_argument("--pointnet-width-mult", type=int, default=2, help="PointNet++ width (Point-E's is 2)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out where it stopped (same arguments and config)")
     parser.add_argument("--vae-save-every", type=int, default=500, help="ShapeVAE checkpoint interval (steps)")
