@@ -102,6 +102,37 @@ def dense_grid_points(resolution: int, bounds: Bounds) -> np.ndarray:
     return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
+# Peak bytes per grid point of the decoders' numpy arrays, measured with tracemalloc at octree 128 and 256 (the
+# field's own memory comes on top). Dense: the float32 values and the int64 indices of every point. Hierarchical: the
+# float32 values, the bool evaluated / inside / scratch grids and the coarser level's arrays.
+_GRID_BYTES_PER_POINT = {"dense": 12, "hierarchical": 9}
+
+
+def grid_memory_bytes(resolution: int, method: str = "hierarchical") -> int:
+    """About how many bytes decoding a grid of `resolution` cells per axis holds at its peak (`(R + 1)^3` points)."""
+    if method not in _GRID_BYTES_PER_POINT:
+        raise ValueError(f"Unknown volume decoding method {method!r}; expected 'dense' or 'hierarchical'.")
+    return _GRID_BYTES_PER_POINT[method] * (int(resolution) + 1) ** 3
+
+
+def check_grid_memory(resolution: int, method: str = "hierarchical") -> None:
+    """Raises `ValueError` if the grid cannot fit in the memory available now, before anything is allocated: an
+    octree resolution of a few thousand would otherwise end with the process killed by the kernel (or the machine
+    swapping), not with a message. Needs `psutil` (installed with accelerate and peft); without it nothing is
+    checked."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    needed, available = grid_memory_bytes(resolution, method), psutil.virtual_memory().available
+    if needed > available:
+        raise ValueError(
+            f"octree resolution {resolution} needs about {needed / 2**30:.1f} GiB for its grid ({method} decoding), "
+            f"more than the {available / 2**30:.1f} GiB of memory available now; use a lower resolution (128 needs "
+            f"{grid_memory_bytes(128, method) / 2**20:.0f} MiB, 384 {grid_memory_bytes(384, method) / 2**30:.1f} GiB)."
+        )
+
+
 def _evaluate_points(
     field_fn: FieldFn, axes: Sequence[np.ndarray], flat_index: np.ndarray, shape: tuple[int, int, int], num_chunks: int
 ) -> np.ndarray:
@@ -135,6 +166,7 @@ def decode_volume_dense(
 ) -> VolumeGrid:
     """Evaluates the field at all `(R + 1)^3` grid points, `num_chunks` points per call."""
     axes = grid_axes(resolution, bounds)
+    check_grid_memory(resolution, "dense")
     shape = (len(axes[0]),) * 3
     count = int(np.prod(shape))
     values = _evaluate_points(field_fn, axes, np.arange(count, dtype=np.int64), shape, num_chunks).reshape(shape)
@@ -228,6 +260,7 @@ def decode_volume_hierarchical(
     whose coarse values peak just below the level), at the cost of more queries. `None` refines sign changes only.
     """
     levels = hierarchical_levels(resolution, min_resolution)
+    check_grid_memory(resolution, "hierarchical")
     axes = grid_axes(resolution, bounds)
     lo, hi = normalize_bounds(bounds)
     level = np.float32(level)
@@ -370,11 +403,13 @@ def field_to_mesh(
 
 __all__ = [
     "VolumeGrid",
+    "check_grid_memory",
     "decode_volume_dense",
     "decode_volume_hierarchical",
     "dense_grid_points",
     "field_to_mesh",
     "grid_axes",
+    "grid_memory_bytes",
     "hierarchical_levels",
     "marching_cubes",
     "normalize_bounds",

@@ -33,6 +33,7 @@ from cgmllm.volume_decoding import (
     decode_volume_hierarchical,
     dense_grid_points,
     field_to_mesh,
+    grid_memory_bytes,
     hierarchical_levels,
     marching_cubes,
 )
@@ -356,6 +357,23 @@ def test_index_bookkeeping_of_the_hierarchical_decoder_matches_brute_force():
     found = _cells_touching(marks, points, _corner_offsets(n), n)
     np.testing.assert_array_equal(found, sorted(expected))
     assert not marks.any()
+
+
+def test_a_grid_larger_than_the_memory_is_refused_before_the_field_is_called():
+    calls = []
+
+    def field(xyz):
+        calls.append(len(xyz))
+        return sphere_field()(xyz)
+
+    # 10,000 cells per axis: about 9 TB for the hierarchical grid, more than any machine running these tests has.
+    assert grid_memory_bytes(10_000) > 9e12 and grid_memory_bytes(10_000, "dense") > grid_memory_bytes(10_000)
+    for method in ("hierarchical", "dense"):
+        with pytest.raises(ValueError, match=f"octree resolution 10000 needs about .* GiB .*{method}"):
+            field_to_mesh(field, resolution=10_000, method=method)
+    assert calls == []
+    field_to_mesh(field, resolution=16)  # an ordinary size passes the check
+    assert calls
 
 
 def test_band_catches_parts_the_coarse_grid_cannot_see():
