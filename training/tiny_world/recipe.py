@@ -226,9 +226,8 @@ def run_recipe(args) -> dict:
     from ..data import load_caption_dataset
     from ..preprocess import encode_dataset
     from .dataset import build_tiny_world_dataset
-    from ..train_vae import main as train_vae_main
-
     from ..devices import describe_device, resolve_device
+    from ..train_vae import main as train_vae_main
 
     device = resolve_device(args.device)  # a missing GPU is an error before any work
     if device.index is not None:
@@ -352,7 +351,8 @@ def run_recipe(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cgmllm.training.tiny_world.recipe",
                                      description="Tiny world: dataset -> ShapeVAE -> latents -> CG-MLLM stages -> "
-                                     "pipeline folder, on a CPU or a GPU.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "pipeline folder, on a CPU or a GPU.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="cgmllm-train YAML of the CG-MLLM stages")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
