@@ -558,6 +558,25 @@ def check_inputs(condition: torch.Tensor, summary: str, details: Callable[[], st
         raise ValueError(details() if details is not None else summary)
 
 
+def _cached_length(cache: Cache | None, attention_mask: torch.Tensor | None, seq_len: int) -> int:
+    """The number of cached tokens in front of the `seq_len` new ones, as a host int.
+
+    A `StaticCache` keeps its length in a device tensor (so that compiled steps need not read it back). Traced, the 2D
+    padding mask's width says it without a host read (`cached + new` columns), checked against the cache on the device;
+    eager, or without a mask, the length is read.
+    """
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if not isinstance(length, torch.Tensor):
+        return length
+    if attention_mask is not None and attention_mask.ndim == 2 and is_tracing(length):
+        past_length = attention_mask.shape[-1] - seq_len
+        check_inputs(length == past_length, "`attention_mask` must cover the cached tokens and the new ones.")
+        return past_length
+    return int(length)
+
+
 def masked_row_indices(mask: torch.BoolTensor, count: int) -> torch.LongTensor:
     """`(count,)` flat (row-major) indices of the True entries of `mask`, in order, without a host sync.
 
@@ -828,7 +847,7 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"{type(cache).__name__} cannot be cropped (sliding-window or quantized layers). Use a DynamicCache "
                 "or a StaticCache for the denoising steps."
             )
-        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        past_length = _cached_length(cache, attention_mask, seq_len)
 
         # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
         if input_ids is None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import OBJ_END, OBJ_PAD, OBJ_START, shape_span
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from cgmllm.modeling_cgmllm import CGMLLMModel, masked_row_indices
 
@@ -27,19 +27,22 @@ def _denoising_step(model, cache, latents, sigma, block=BLOCK):
                  logits_to_keep=1).velocity
 
 
-def _prefilled(model):
-    cache = DynamicCache(config=model.config.text_config)
+def _prefilled(model, cache_type="dynamic"):
+    if cache_type == "dynamic":
+        cache = DynamicCache(config=model.config.text_config)
+    else:  # its length is a device tensor: traced steps take it from the attention mask's width instead
+        cache = StaticCache(config=model.config.text_config, max_cache_len=24)
     with torch.no_grad():
         model(input_ids=PROMPT, attention_mask=(PROMPT != 0).long(), cache=cache, use_cache=True)
     return cache
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_denoising_step_traces_into_one_graph(tiny_model, implementation):
+@pytest.mark.parametrize("implementation, cache_type", [("sdpa", "dynamic"), ("eager", "dynamic"), ("sdpa", "static")])
+def test_denoising_step_traces_into_one_graph(tiny_model, implementation, cache_type):
     tiny_model.set_attn_implementation({"text_config": implementation, "vision_config": "sdpa"})
     latents = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
     sigmas = [torch.full((1,), s) for s in (0.9, 0.5)]
-    cache = _prefilled(tiny_model)
+    cache = _prefilled(tiny_model, cache_type)
     with torch.no_grad():
         expected = [_denoising_step(tiny_model, cache, latents, s) for s in sigmas]
     torch._dynamo.reset()
@@ -50,7 +53,7 @@ def test_denoising_step_traces_into_one_graph(tiny_model, implementation):
             for sigma, reference in zip(sigmas, expected):
                 torch.testing.assert_close(compiled(tiny_model, cache, latents, sigma), reference, rtol=1e-5,
                                            atol=1e-6)
-        assert cache.get_seq_length() == PROMPT.shape[1]
+        assert int(cache.get_seq_length()) == PROMPT.shape[1]
         explanation = torch._dynamo.explain(_denoising_step)(tiny_model, cache, latents, sigmas[0])
     finally:
         torch._dynamo.reset()
