@@ -28,6 +28,9 @@ Usage: python benchmarks/bench_vae_decode.py [--resolutions 128 256 384] [--fiel
            --num-chunks 8000 --threads 1   (8000: the pipeline's default)
        python benchmarks/bench_vae_decode.py --chunk-sizes 8000 2048 32768 --fields shipped --resolutions 256 \
            --threads 1
+       python benchmarks/bench_vae_decode.py --device cuda --resolutions 256 384   (fields evaluated on a GPU; the
+           decoder's bookkeeping and marching cubes stay on the CPU, as in the pipeline)
+       python benchmarks/bench_vae_decode.py --device cuda --latent-kv 8000 32768   (one field call, released size)
 """
 
 from __future__ import annotations
@@ -58,8 +61,22 @@ def analytic_field(xyz: torch.Tensor) -> torch.Tensor:
     return torch.maximum(ellipsoid, disc)
 
 
-def fitted_vae_field(fit_steps: int, seed: int = 0):
-    """Fits a tiny ShapeVAE to nut.ply and returns `(field_fn, seconds spent fitting, final recon loss)`."""
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so that wall-clock times cover it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on_device(field, device: torch.device):
+    """A pure-torch field evaluated on `device`, returning CPU values as `ShapeVAE.field_fn` does."""
+    if device.type == "cpu":
+        return field
+    return lambda xyz: field(torch.as_tensor(xyz).to(device)).cpu()
+
+
+def fitted_vae_field(fit_steps: int, seed: int = 0, device: torch.device = torch.device("cpu")):
+    """Fits a tiny ShapeVAE to nut.ply (on the CPU, so the field is the same on every device) and returns
+    `(field_fn on device, seconds spent fitting, final recon loss)`."""
     torch.manual_seed(seed)
     mesh = normalize_mesh(load_mesh(REAL_MESHES / "nut.ply"))[0]
     model = ShapeVAE(
@@ -85,7 +102,8 @@ def fitted_vae_field(fit_steps: int, seed: int = 0):
     model.eval()
     with torch.no_grad():
         features = model.decode(model.encode(surface, generator=generator).mode())
-    return model.field_fn(features), fit_seconds, recon_loss
+    model.to(device)
+    return model.field_fn(features.to(device)), fit_seconds, recon_loss
 
 
 class CountingField:
@@ -123,14 +141,15 @@ def run(field, resolution: int, num_chunks: int, band: float | None) -> dict:
     return row
 
 
-def latent_kv_row(width: int, heads: int, num_latents: int, chunk: int, repeats: int) -> dict:
+def latent_kv_row(width: int, heads: int, num_latents: int, chunk: int, repeats: int,
+                  device: torch.device = torch.device("cpu")) -> dict:
     """Per field call at a given geometry-decoder size (random weights: the cost does not depend on them): the
     latents' keys / values projected in every call (as before) vs once per object (`ShapeVAE.field_fn` now)."""
     torch.manual_seed(0)
     model = ShapeVAE(num_latents=num_latents, embed_dim=64, width=width, heads=heads, num_encoder_layers=1,
-                     num_decoder_layers=1, pc_size=num_latents, pc_sharpedge_size=0).eval()
-    features = torch.randn(1, num_latents, width)
-    xyz = torch.rand(chunk, 3) * 2 - 1
+                     num_decoder_layers=1, pc_size=num_latents, pc_sharpedge_size=0).eval().to(device)
+    features = torch.randn(1, num_latents, width, device=device)
+    xyz = torch.rand(chunk, 3, device=device) * 2 - 1
     field = model.field_fn(features)
     with torch.no_grad():
         every_call = lambda: model.query(features, xyz[None])  # noqa: E731
@@ -140,19 +159,21 @@ def latent_kv_row(width: int, heads: int, num_latents: int, chunk: int, repeats:
             fn()  # warm-up
             best = float("inf")
             for _ in range(repeats):
+                synchronize(device)
                 start = time.perf_counter()
                 fn()
+                synchronize(device)
                 best = min(best, time.perf_counter() - start)
             times[name] = best
-        same = torch.equal(every_call()[0], field(xyz))
+        same = torch.equal(every_call()[0].cpu(), field(xyz))
     return {"width": width, "latents": num_latents, "chunk": chunk, **times, "same": same}
 
 
-def shipped_field():
+def shipped_field(device: torch.device = torch.device("cpu")):
     """The field of the shipped checkpoint's generation of "a tall cylinder" (seed 0, the pipeline's defaults)."""
     from cgmllm import CGMLLMPipeline
 
-    pipe = CGMLLMPipeline.from_pretrained(REPOSITORY / "checkpoints" / "tiny-world")
+    pipe = CGMLLMPipeline.from_pretrained(REPOSITORY / "checkpoints" / "tiny-world").to(device)
     pipe.set_progress_bar_config(disable=True)
     output = pipe("a tall cylinder", generator=torch.Generator().manual_seed(0), output_type="latent")
     with torch.no_grad():
@@ -200,13 +221,13 @@ def time_extraction(decoding, field, resolution: int, num_chunks: int, band: flo
     return times, grid, mesh
 
 
-def make_field(name: str, fit_steps: int):
+def make_field(name: str, fit_steps: int, device: torch.device = torch.device("cpu")):
     """`(field, band)`: the fields are logits (band: FlashVDM's |logit| < 0.95) except the analytic distance."""
     if name == "vae":
-        return fitted_vae_field(fit_steps)[0], 0.95
+        return fitted_vae_field(fit_steps, device=device)[0], 0.95
     if name == "shipped":
-        return shipped_field(), 0.95
-    return analytic_field, None
+        return shipped_field(device), 0.95
+    return on_device(analytic_field, device), None
 
 
 def compare_chunk_sizes(args) -> None:
@@ -219,7 +240,7 @@ def compare_chunk_sizes(args) -> None:
     print("| field | res | points per call | field s | total s | field speed vs first size | grid equal to first |")
     print("|" + "---|" * 7)
     for name in args.fields:
-        field, band = make_field(name, args.fit_steps)
+        field, band = make_field(name, args.fit_steps, args.device)
         for resolution in args.resolutions:
             runs, equal, reference = {size: [] for size in sizes}, {size: True for size in sizes}, None
             for round_index in range(args.rounds):
@@ -250,7 +271,7 @@ def compare_with_baseline(args) -> None:
     print("| field | res | queries | " + " | ".join(parts) + " | identical grid and mesh |")
     print("|" + "---|" * (len(parts) + 4))
     for name in args.fields:
-        field, band = make_field(name, args.fit_steps)
+        field, band = make_field(name, args.fit_steps, args.device)
         for resolution in args.resolutions:
             runs = {"baseline": [], "current": []}
             identical = True
@@ -294,13 +315,24 @@ def main() -> None:
                         help="time the hierarchical extraction at these points per field call instead")
     parser.add_argument("--rounds", type=int, default=4,
                         help="--baseline / --chunk-sizes: rounds per field and resolution")
+    parser.add_argument("--device", default="cpu",
+                        help="where the fields run (e.g. cuda); the decoders' bookkeeping and marching cubes run on "
+                             "the CPU as in the pipeline. --baseline / --chunk-sizes report process CPU seconds, "
+                             "which mean little on a GPU: use the default mode or --latent-kv there")
     args = parser.parse_args()
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available to torch here.")
     if "shipped" in args.fields and args.baseline is None and args.chunk_sizes is None:
         parser.error("--fields shipped is only offered with --baseline or --chunk-sizes")
     if args.threads:
         torch.set_num_threads(args.threads)
     per_call = "" if args.chunk_sizes else f", {args.num_chunks} points per field call"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{per_call}")
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fields on {where}{per_call}")
     if args.baseline is not None:
         compare_with_baseline(args)
         return
@@ -311,7 +343,7 @@ def main() -> None:
         print("| width | latents | chunk | kv every call s | kv once s | speed-up | same values |")
         print("|---|---|---|---|---|---|---|")
         for chunk in args.latent_kv or [2000, 8000]:
-            r = latent_kv_row(1024, 16, 4096, chunk, repeats=2)
+            r = latent_kv_row(1024, 16, 4096, chunk, repeats=2, device=args.device)
             print(f"| {r['width']} | {r['latents']} | {r['chunk']} | {r['every_call']:.2f} | {r['once']:.2f} "
                   f"| {r['every_call'] / r['once']:.2f}x | {r['same']} |")
         return
@@ -324,10 +356,10 @@ def main() -> None:
     rows = []
     for name in args.fields:
         if name == "vae":
-            field, fit_seconds, loss = fitted_vae_field(args.fit_steps)
+            field, fit_seconds, loss = fitted_vae_field(args.fit_steps, device=args.device)
             print(f"tiny ShapeVAE fitted to nut.ply: {args.fit_steps} steps, {fit_seconds:.1f} s, recon BCE {loss:.3f}")
         else:
-            field = analytic_field
+            field = on_device(analytic_field, args.device)
         # The fitted VAE's field is a logit: refine |logit| < 0.95 too (FlashVDM's test), which catches the small
         # floaters of a briefly fitted model; the analytic field is a distance and needs no band.
         band = 0.95 if name == "vae" else None

@@ -14,7 +14,8 @@
 #      N = 512 and 4096, the whole-object block sampler, with sdpa, flash-attn 2 and flex attention.
 #   3. training-step memory at 2B width (issue 23): bench_train_memory.py --device cuda --dtype bfloat16.
 #   4. compiled denoising step (issue 23): bench_denoise_compile.py at 2B width (4 layers), N = 4096, bfloat16.
-#   5. VAE decode at octree 256 / 384 (issue 19): bench_vae_decode.py, when it takes --device.
+#   5. VAE decode at octree 256 / 384 (issue 19): bench_vae_decode.py --device cuda (a tiny ShapeVAE fitted to a real
+#      mesh, dense vs hierarchical), and one field call at the released decoder size (width 1024, 4096 latents).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
@@ -63,10 +64,7 @@ step train_memory 200 "$PYTHON" benchmarks/bench_train_memory.py --device cuda -
 step denoise_compile 180 "$PYTHON" benchmarks/bench_denoise_compile.py --device cuda --dtype bfloat16 \
     --hidden 2048 --layers 4 --rows 4096 --steps 10
 
-if "$PYTHON" benchmarks/bench_vae_decode.py --help 2>/dev/null | grep -q -- "--device"; then
-    step vae_decode 120 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --resolutions 256 384
-else
-    echo "=== vae_decode: skipped, benchmarks/bench_vae_decode.py has no --device option" | tee -a "$SUMMARY"
-fi
+step vae_decode 120 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --resolutions 256 384
+step vae_field_call 60 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --latent-kv 8000 32768
 
 echo "logs in $OUTPUT" | tee -a "$SUMMARY"
