@@ -23,6 +23,9 @@ measures the sampler structure, not the 2B model.
     python benchmarks/bench_generation.py                       # N = 64 128 256 on the small random model
     python benchmarks/bench_generation.py --sizes 256 --image-tokens 256 1024   # + image prompts
     python benchmarks/bench_generation.py --sizes 512 1024 4096 --pipeline /path/to/saved/pipeline --device cuda
+    python benchmarks/bench_generation.py --sizes 512 4096 --samplers block --device cuda --dtype bfloat16 \
+        --hidden-size 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 --intermediate-size 6144 \
+        --attn-implementation flash_attention_2          # a random model of Qwen3-VL-2B's text shape
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ SAMPLERS = ("block", "token", "nocache", "official")
 GUIDANCE_INTERVAL = (0.4, 1.0)  # the pipeline's default, used by the uncached samplers too
 
 
-def build_small_pipeline(max_shape_tokens: int, hidden_size: int, layers: int):
+def build_small_pipeline(max_shape_tokens: int, hidden_size: int, layers: int, heads: int | None = None,
+                         kv_heads: int | None = None, head_dim: int = 32, intermediate_size: int | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import Qwen2VLImageProcessorPil
 
@@ -51,13 +55,15 @@ def build_small_pipeline(max_shape_tokens: int, hidden_size: int, layers: int):
     tokenizer = train_bbpe_tokenizer(["a red car", "a tall cylinder on a flat box"] * 8, vocab_size=300)
     image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=1, temporal_patch_size=2)
     processor = CGMLLMProcessor(image_processor=image_processor, tokenizer=tokenizer, num_shape_tokens=max_shape_tokens)
-    heads = max(hidden_size // 32, 1)
+    heads = heads or max(hidden_size // head_dim, 1)
+    half = head_dim // 2  # interleaved mRoPE sections (t, h, w) over half the head dim: [8, 4, 4] at head dim 32
+    mrope_section = [half // 2, half // 4, half - half // 2 - half // 4]
     config = CGMLLMConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
-            head_dim=32, pad_token_id=0,
-            rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True,
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or hidden_size * 3,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or max(heads // 2, 1),
+            head_dim=head_dim, pad_token_id=0,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True,
                              "rope_theta": 10000},
         ),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=4, patch_size=16,
@@ -149,8 +155,13 @@ def worker(args) -> dict:
 
         pipe = CGMLLMPipeline.from_pretrained(args.pipeline)
     else:
-        pipe = build_small_pipeline(max(args.sizes), args.hidden_size, args.layers)
-    pipe.to(args.device)
+        # Built on the target device: a 2B-shaped random model initialises in seconds on a GPU.
+        with torch.device(args.device):
+            pipe = build_small_pipeline(max(args.sizes), args.hidden_size, args.layers, args.heads, args.kv_heads,
+                                        args.head_dim, args.intermediate_size)
+    pipe.to(args.device, getattr(torch, args.dtype))
+    if args.attn_implementation:
+        pipe.model.set_attn_implementation({"text_config": args.attn_implementation, "vision_config": "sdpa"})
     pipe.set_progress_bar_config(disable=True)
     n = args.worker_size
     tokens = args.worker_image_tokens
@@ -195,6 +206,14 @@ def main():
     parser.add_argument("--pipeline", default=None, help="saved CGMLLMPipeline folder (default: small random model)")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden size / head dim)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: heads / 2)")
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 3 x hidden size)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn-implementation", default=None,
+                        choices=["sdpa", "eager", "flex_attention", "flash_attention_2"],
+                        help="the text decoder's attention kernel (default: the model's, sdpa)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (best is reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -224,9 +243,13 @@ def main():
                 print(f"  context {context:5d} N={n:5d} {sampler:8s} "
                       f"{results[context, n, sampler]['seconds']:8.2f} s", file=sys.stderr)
 
-    model = args.pipeline or f"small random model (hidden {args.hidden_size}, {args.layers} layers)"
-    print(f"\n{model}, device {args.device}, {args.steps} steps, CFG {args.guidance_scale} in "
-          f"{GUIDANCE_INTERVAL}, {args.threads} threads, best of {args.repeats}")
+    model = args.pipeline or f"random model (hidden {args.hidden_size}, {args.layers} layers)"
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    print(f"\n{model}, {args.dtype}, attention {args.attn_implementation or 'default'}, device {device}, "
+          f"{args.steps} steps, CFG {args.guidance_scale} in {GUIDANCE_INTERVAL}, {args.threads} threads, best of "
+          f"{args.repeats}")
     header = (f"{'context':>14} | {'N':>5} | {'sampler':8} | {'time s':>8} | {'peak MiB':>9} | {'time / block':>12} | "
               f"{'mem / block':>11}")
     print(header)

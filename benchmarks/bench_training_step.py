@@ -12,6 +12,10 @@ and 3D -> caption at N = 64). Each variant runs its warm-up (compilation include
 `--steps` timed steps; the variants alternate in rounds so that load from other processes hits them alike.
 
     python benchmarks/bench_training_step.py [--steps 20 --rounds 3 --threads 2 --batch-sizes 8 16 32]
+    python benchmarks/bench_training_step.py --device cuda --batch-sizes 16 64 256   # on a GPU: pick --batch-scale
+
+With `--device cuda` the models and batches live on the GPU and every timed run ends with a synchronisation, so the
+rates are the GPU's; the samples/s by batch size say which recipe `--batch-scale` keeps the GPU busy.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ def shipped_folder():
     return folder
 
 
-def vae_step_factory(batch_size: int, compiled: bool, queries: int = 1024):
+def vae_step_factory(batch_size: int, compiled: bool, device: torch.device, queries: int = 1024):
     from cgmllm.modeling_shape_vae import ShapeVAE
 
     torch.manual_seed(0)
-    vae = ShapeVAE.from_config(ShapeVAE.load_config(shipped_folder() / "vae")).train()
+    vae = ShapeVAE.from_config(ShapeVAE.load_config(shipped_folder() / "vae")).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)
     points_per_mesh = vae.config.pc_size + vae.config.pc_sharpedge_size
@@ -46,7 +50,7 @@ def vae_step_factory(batch_size: int, compiled: bool, queries: int = 1024):
     surface = np.concatenate([xyz * 0.9, xyz, np.zeros((batch_size, points_per_mesh, 1))], -1).astype(np.float32)
     query = rng.uniform(-1, 1, size=(batch_size, queries, 3)).astype(np.float32)
     labels = (np.linalg.norm(query, axis=-1) < 0.9).astype(np.float32)
-    surface, query, labels = map(torch.from_numpy, (surface, query, labels))
+    surface, query, labels = (torch.from_numpy(array).to(device) for array in (surface, query, labels))
 
     def loss_fn(surface, query, labels):
         return vae.compute_loss(surface, query, labels, sample_posterior=False).loss
@@ -62,14 +66,14 @@ def vae_step_factory(batch_size: int, compiled: bool, queries: int = 1024):
     return step
 
 
-def model_step_factory(batch_size: int, compiled: bool):
+def model_step_factory(batch_size: int, compiled: bool, device: torch.device):
     from cgmllm import CGMLLMConfig, CGMLLMForConditionalGeneration, CGMLLMProcessor
     from cgmllm.training.collator import CGMLLMDataCollator
 
     folder = shipped_folder()
     config = CGMLLMConfig.from_pretrained(folder / "model")
     torch.manual_seed(0)
-    model = CGMLLMForConditionalGeneration(config).train()
+    model = CGMLLMForConditionalGeneration(config).to(device).train()
     processor = CGMLLMProcessor.from_pretrained(folder / "processor")
     n = config.num_shape_tokens
     collator = CGMLLMDataCollator(processor, n, task_weights={"text_to_shape": 1.0, "shape_caption": 1.0},
@@ -78,7 +82,7 @@ def model_step_factory(batch_size: int, compiled: bool):
     examples = [{"uid": str(i), "caption": "a tall cylinder lying on its side",
                  "latents": rng.normal(size=(n, config.shape_latent_channels)).astype(np.float32)}
                 for i in range(batch_size)]
-    batch = collator(examples)
+    batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in collator(examples).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compiled else model
 
@@ -91,10 +95,12 @@ def model_step_factory(batch_size: int, compiled: bool):
     return step
 
 
-def measure(step, steps: int) -> float:
+def measure(step, steps: int, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if device.type == "cuda":  # the steps were only queued
+        torch.cuda.synchronize(device)
     return steps / (time.perf_counter() - start)
 
 
@@ -104,8 +110,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    from cgmllm.training.devices import describe_device, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
 
     variants = {}
@@ -118,18 +131,20 @@ def main(argv=None):
 
     steps, warmup = {}, {}
     for key, (factory, batch, compiled) in variants.items():
-        steps[key] = factory(batch, compiled)
+        steps[key] = factory(batch, compiled, device)
         start = time.perf_counter()
         steps[key]()  # warm-up: compilation for the compiled variants
         steps[key]()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         warmup[key] = time.perf_counter() - start
     rates = {key: [] for key in variants}
     for _ in range(args.rounds):
         for key, step in steps.items():
-            rates[key].append(measure(step, args.steps))
+            rates[key].append(measure(step, args.steps, device))
     median = {key: float(np.median(values)) for key, values in rates.items()}
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps x {args.rounds} rounds (median)")
+    print(f"torch {torch.__version__}, {describe_device(device)}, {args.steps} steps x {args.rounds} rounds (median)")
     print(f"{'model':9s} {'variant':8s} {'batch':>5s} {'steps/s':>8s} {'samples/s':>9s} {'warm-up s':>9s}")
     for (model, variant, batch), rate in sorted(median.items()):
         print(f"{model:9s} {variant:8s} {batch:5d} {rate:8.2f} {rate * batch:9.1f} {warmup[(model, variant, batch)]:9.1f}")

@@ -10,13 +10,33 @@ Two fields, both positive inside and meshed at level 0:
 
 It also times pure-torch farthest point sampling at the released encoder size (81,920 -> 4,096 points).
 
+Two comparisons of the hierarchical extraction (decoder + marching cubes) run instead of that, on these fields or on
+`shipped`: the shipped checkpoint's (`checkpoints/tiny-world`) generation of "a tall cylinder" (seed 0).
+
+* `--baseline REV`: this checkout against `modeling_cgmllm/volume_decoding.py` as it was at git revision REV,
+  alternating the two in one process for `--rounds` rounds, and whether both give the same grid and mesh, bit for
+  bit. Times are split into the field's calls, the decoder's own bookkeeping and marching cubes.
+* `--chunk-sizes N ...`: this checkout at each number of points per field call, and whether the grids are
+  bit-identical across the sizes.
+
+Both report process CPU seconds: on a shared machine a single-threaded process's CPU time is steadier than wall time
+(it still varies with the load, hence the rounds and the per-round ratios).
+
 Usage: python benchmarks/bench_vae_decode.py [--resolutions 128 256 384] [--fields vae analytic] [--fit-steps 300]
        [--threads 1]   (on a shared machine: one thread keeps timings stable)
+       python benchmarks/bench_vae_decode.py --baseline ee508e9 --fields shipped vae --resolutions 256 384 \
+           --num-chunks 8000 --threads 1   (8000: the pipeline's default)
+       python benchmarks/bench_vae_decode.py --chunk-sizes 8000 2048 32768 --fields shipped --resolutions 256 \
+           --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +48,8 @@ from cgmllm.modeling_shape_vae import ShapeVAE, farthest_point_sampling
 from cgmllm.volume_decoding import decode_volume_dense, decode_volume_hierarchical, marching_cubes
 
 
-REAL_MESHES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_meshes"
+REPOSITORY = Path(__file__).resolve().parents[1]
+REAL_MESHES = REPOSITORY.parent / "shared" / "data" / "real_meshes"
 
 
 def analytic_field(xyz: torch.Tensor) -> torch.Tensor:
@@ -127,20 +148,165 @@ def latent_kv_row(width: int, heads: int, num_latents: int, chunk: int, repeats:
     return {"width": width, "latents": num_latents, "chunk": chunk, **times, "same": same}
 
 
+def shipped_field():
+    """The field of the shipped checkpoint's generation of "a tall cylinder" (seed 0, the pipeline's defaults)."""
+    from cgmllm import CGMLLMPipeline
+
+    pipe = CGMLLMPipeline.from_pretrained(REPOSITORY / "checkpoints" / "tiny-world")
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe("a tall cylinder", generator=torch.Generator().manual_seed(0), output_type="latent")
+    with torch.no_grad():
+        return pipe.vae.field_fn(pipe.vae.decode(output.latents))
+
+
+def load_baseline(revision: str):
+    """`volume_decoding.py` as it was at a git revision, imported next to the current one (its relative imports
+    resolve to this checkout's package)."""
+    source = subprocess.run(
+        ["git", "-C", str(REPOSITORY), "show", f"{revision}:modeling_cgmllm/volume_decoding.py"],
+        capture_output=True, text=True,
+    )
+    if source.returncode != 0:
+        raise SystemExit(f"Cannot read modeling_cgmllm/volume_decoding.py at {revision!r}: {source.stderr.strip()}")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as file:
+        file.write(source.stdout)
+    spec = importlib.util.spec_from_file_location("cgmllm._volume_decoding_baseline", file.name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    Path(file.name).unlink()
+    return module
+
+
+def time_extraction(decoding, field, resolution: int, num_chunks: int, band: float | None) -> tuple:
+    """One hierarchical decode + marching cubes with `decoding` (a volume_decoding module): process CPU seconds of
+    the field's calls, of the decoder's own work, and of marching cubes; the grid and the mesh."""
+    field_seconds = 0.0
+
+    def timed_field(xyz):
+        nonlocal field_seconds
+        start = time.process_time()
+        values = field(xyz)
+        field_seconds += time.process_time() - start
+        return values
+
+    start = time.process_time()
+    grid = decoding.decode_volume_hierarchical(timed_field, resolution, num_chunks=num_chunks, band=band)
+    decoded = time.process_time()
+    mesh = decoding.marching_cubes(grid)
+    end = time.process_time()
+    times = {"total": end - start, "field": field_seconds, "bookkeeping": decoded - start - field_seconds,
+             "marching cubes": end - decoded}
+    return times, grid, mesh
+
+
+def make_field(name: str, fit_steps: int):
+    """`(field, band)`: the fields are logits (band: FlashVDM's |logit| < 0.95) except the analytic distance."""
+    if name == "vae":
+        return fitted_vae_field(fit_steps)[0], 0.95
+    if name == "shipped":
+        return shipped_field(), 0.95
+    return analytic_field, None
+
+
+def compare_chunk_sizes(args) -> None:
+    """The hierarchical extraction of this checkout at several points per field call: CPU seconds, and whether the
+    grid is bit-identical to the one at the first size (the decoders need that only within one extraction)."""
+    from cgmllm import volume_decoding
+
+    sizes = args.chunk_sizes
+    print(f"Cells: median process CPU seconds of {args.rounds} rounds (alternating the order of the sizes)")
+    print("| field | res | points per call | field s | total s | field speed vs first size | grid equal to first |")
+    print("|" + "---|" * 7)
+    for name in args.fields:
+        field, band = make_field(name, args.fit_steps)
+        for resolution in args.resolutions:
+            runs, equal, reference = {size: [] for size in sizes}, {size: True for size in sizes}, None
+            for round_index in range(args.rounds):
+                for size in sizes if round_index % 2 == 0 else sizes[::-1]:
+                    times, grid, _ = time_extraction(volume_decoding, field, resolution, size, band)
+                    runs[size].append(times)
+                    if reference is None:
+                        reference = grid if size == sizes[0] else None
+                    if reference is not None and grid is not reference:
+                        equal[size] &= np.array_equal(grid.values, reference.values) and np.array_equal(
+                            grid.evaluated, reference.evaluated
+                        )
+            first = float(np.median([r["field"] for r in runs[sizes[0]]]))
+            for size in sizes:
+                field_s = float(np.median([r["field"] for r in runs[size]]))
+                total_s = float(np.median([r["total"] for r in runs[size]]))
+                print(f"| {name} | {resolution} | {size:,} | {field_s:.2f} | {total_s:.2f} | {first / field_s:.2f}x "
+                      f"| {equal[size]} |", flush=True)
+
+
+def compare_with_baseline(args) -> None:
+    from cgmllm import volume_decoding as current
+
+    baseline = load_baseline(args.baseline)
+    print(f"baseline: volume_decoding.py at {args.baseline}; current: this checkout. Cells: median process CPU "
+          f"seconds of {args.rounds} rounds (alternating which runs first), baseline -> current (ratio)")
+    parts = ("total", "field", "bookkeeping", "marching cubes")
+    print("| field | res | queries | " + " | ".join(parts) + " | identical grid and mesh |")
+    print("|" + "---|" * (len(parts) + 4))
+    for name in args.fields:
+        field, band = make_field(name, args.fit_steps)
+        for resolution in args.resolutions:
+            runs = {"baseline": [], "current": []}
+            identical = True
+            for round_index in range(args.rounds):
+                order = ("baseline", "current") if round_index % 2 == 0 else ("current", "baseline")
+                results = {}
+                for which in order:
+                    module = baseline if which == "baseline" else current
+                    results[which] = time_extraction(module, field, resolution, args.num_chunks, band)
+                    runs[which].append(results[which][0])
+                (_, grid_a, mesh_a), (_, grid_b, mesh_b) = results["baseline"], results["current"]
+                identical &= (
+                    np.array_equal(grid_a.values, grid_b.values) and np.array_equal(grid_a.evaluated, grid_b.evaluated)
+                    and np.array_equal(mesh_a.vertices, mesh_b.vertices) and np.array_equal(mesh_a.faces, mesh_b.faces)
+                )
+                queries = grid_b.num_queries
+                del results, grid_a, grid_b, mesh_a, mesh_b
+                ratios = "  ".join(f"{p} {runs['baseline'][-1][p] / runs['current'][-1][p]:.2f}x" for p in parts)
+                print(f"  {name} @ {resolution}, round {round_index + 1}: {ratios}", flush=True)
+            cells = []
+            for part in parts:
+                old = float(np.median([r[part] for r in runs["baseline"]]))
+                new = float(np.median([r[part] for r in runs["current"]]))
+                cells.append(f"{old:.2f} -> {new:.2f} ({old / new:.2f}x)")
+            print(f"| {name} | {resolution} | {queries:,} | " + " | ".join(cells) + f" | {identical} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256, 384])
-    parser.add_argument("--fields", nargs="+", default=["vae", "analytic"], choices=["vae", "analytic"])
+    parser.add_argument("--fields", nargs="+", default=["vae", "analytic"], choices=["vae", "analytic", "shipped"])
     parser.add_argument("--fit-steps", type=int, default=300)
     parser.add_argument("--num-chunks", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--latent-kv", type=int, nargs="*", default=None, metavar="CHUNK",
                         help="only time one field call of the released decoder size (width 1024, 16 heads, 4096 "
                              "latents) for these chunk sizes: latents' keys / values per call vs once per object")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="compare the hierarchical extraction with volume_decoding.py at this git revision")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="time the hierarchical extraction at these points per field call instead")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="--baseline / --chunk-sizes: rounds per field and resolution")
     args = parser.parse_args()
+    if "shipped" in args.fields and args.baseline is None and args.chunk_sizes is None:
+        parser.error("--fields shipped is only offered with --baseline or --chunk-sizes")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.num_chunks} points per field call")
+    per_call = "" if args.chunk_sizes else f", {args.num_chunks} points per field call"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{per_call}")
+    if args.baseline is not None:
+        compare_with_baseline(args)
+        return
+    if args.chunk_sizes is not None:
+        compare_chunk_sizes(args)
+        return
     if args.latent_kv is not None:
         print("| width | latents | chunk | kv every call s | kv once s | speed-up | same values |")
         print("|---|---|---|---|---|---|---|")

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="tiny-world data folder (default: rebuild the held-out split)")
     parser.add_argument("--num", type=int, default=40, help="held-out prompts / meshes per measurement")
     parser.add_argument("--num-token", type=int, default=10, help="prompts of the block vs token comparison")
-    parser.add_argument("--num-primitives", type=int, default=5,
+    parser.add_argument("--num-primitives", type=int, default=10,
                         help="posed trimesh primitives per family to caption (8 families)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)

@@ -11,8 +11,9 @@
 * CLIP-IQA+ (`clipiqa+`, 0-1) and MUSIQ (`musiq`, KonIQ, ~0-100): pyiqa's metrics, the ones whose ranges match the
   paper's table. pyiqa is an optional dependency (PolyForm Noncommercial licence; its weights download at first use
   unless they are in its cache folder or `pretrained_model_path` points at a local file), imported only here. It
-  needs a torchvision that imports with the installed torch; on a CPU-only torch from PyPI that is not available
-  from PyPI (its torchvision wheels are CUDA builds), so this wrapper has not been run where it was written.
+  needs a torchvision that imports with the installed torch; for the CPU-only torch 2.13 that is not on PyPI (its
+  torchvision wheels are CUDA builds). The wrapper was run with pyiqa 0.1.16 beside PyPI's torch 2.14.1 /
+  torchvision 0.29.1 (CUDA builds, on a CPU), on tiny random models (`tests/test_evaluation_iqa.py`).
 """
 
 from __future__ import annotations
@@ -101,25 +102,59 @@ class CLIPScorer:
 def iqa_scores(images: Sequence[Image.Image], metric: str = "clipiqa+",
                pretrained_model_path: str | os.PathLike | None = None, device: str = "cpu", **metric_options
                ) -> list[float]:
-    """No-reference image quality of each image with pyiqa's `metric` (`"clipiqa+"` or `"musiq"`, or any pyiqa
-    name). `pretrained_model_path`: a local weights file for pyiqa's architecture. Without it pyiqa takes its
-    default weights from its cache folder (`<torch hub dir>/pyiqa`, e.g. CLIP-IQA+'s learned prompts and OpenAI's
-    `RN50.pt` put there by hand) and downloads them where they are missing. `metric_options` go to the pyiqa
-    architecture (e.g. `pretrained=False`, `backbone=<local CLIP file>` for CLIP-IQA+)."""
+    """No-reference image quality of each image (equal sizes) with pyiqa's `metric` (`"clipiqa+"` or `"musiq"`, or
+    any pyiqa name), as pyiqa scores an RGB batch in [0, 1].
+
+    `pretrained_model_path`: a local weights file. For MUSIQ (and other pyiqa architectures that take one) pyiqa
+    loads it in place of its download. CLIP-IQA+ takes no weights path in pyiqa: its weights are the learned prompt
+    context (`CLIP-IQA+_learned_prompts-*.pth`, a `[2, 16, width]` tensor) on top of OpenAI's CLIP RN50; the file
+    given here is loaded into its prompt learner as pyiqa loads the downloaded one, and the CLIP backbone comes from
+    `metric_options["backbone"]` (a local OpenAI CLIP file) or else pyiqa's cache folder. Without a path pyiqa takes
+    its default weights from its cache folder (`<torch hub dir>/pyiqa`) and downloads them where they are missing.
+    `metric_options` go to the pyiqa architecture (e.g. `pretrained=False`, `backbone=...`, sizes)."""
     try:
         import pyiqa
-    except ImportError as error:
-        raise ValueError(f"{metric} needs pyiqa (`pip install pyiqa` with the torchvision matching your torch; "
-                         "PolyForm Noncommercial licence).") from error
-    kwargs = dict(metric_options)
+    except Exception as error:  # not only ImportError: a torchvision built for another torch fails at import
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"{metric} needs pyiqa, which could not be imported ({type(error).__name__}: {first_line}). "
+                         "Install it (`pip install pyiqa`, PolyForm Noncommercial licence) beside a torchvision "
+                         "built for the installed torch; see the README's Evaluation section.") from error
+    kwargs, prompt_file = dict(metric_options), None
     if pretrained_model_path:
-        kwargs["pretrained_model_path"] = os.fspath(pretrained_model_path)
+        path = os.fspath(pretrained_model_path)
+        if not os.path.isfile(path):
+            raise ValueError(f"{metric} weights {path}: no such file.")
+        if metric.startswith("clipiqa+"):
+            kwargs["pretrained"], prompt_file = False, path
+        else:
+            kwargs["pretrained_model_path"] = path
     try:
         scorer = pyiqa.create_metric(metric, device=torch.device(device), as_loss=False, **kwargs)
     except Exception as error:
         raise ValueError(f"pyiqa could not create {metric!r} ({type(error).__name__}: {error}); without network "
-                         "access give the weights file (--iqa-weights).") from error
+                         "access give local weights (--clipiqa-weights / --musiq-weights, and CLIP-IQA+'s RN50 in "
+                         "pyiqa's cache folder).") from error
+    if prompt_file is not None:
+        _load_learned_prompts(scorer.net, prompt_file, metric)
+    if not images:
+        return []
     pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
                                         for image in images])).permute(0, 3, 1, 2)
     with torch.no_grad():
         return [float(value) for value in scorer(pixels.to(device)).reshape(-1)]
+
+
+def _load_learned_prompts(network, path: str, metric: str) -> None:
+    """CLIP-IQA+'s learned prompt context from a local file into pyiqa's prompt learner (`prompt_learner.ctx`)."""
+    learner = getattr(network, "prompt_learner", None)
+    if learner is None:
+        raise ValueError(f"pyiqa's {metric!r} has no learned prompts to load {path} into.")
+    try:
+        context = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{metric} weights {path}: torch.load failed ({type(error).__name__}).") from error
+    if not isinstance(context, torch.Tensor) or context.shape != learner.ctx.shape:
+        found = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"{metric} weights {path}: expected CLIP-IQA+'s learned prompt context, a tensor of shape "
+                         f"{tuple(learner.ctx.shape)} for this CLIP backbone; found {found}.")
+    learner.ctx.data = context.to(learner.ctx)

@@ -152,17 +152,28 @@ class PointNet2ClassifierSSG(nn.Module):
         """Width of the p-FID features: 256 * width_mult (512 for Point-E's checkpoint)."""
         return 256 * self.width_mult
 
-    def forward(self, xyz: torch.Tensor, fps_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`xyz [B, 3, N]` -> `(log_probs [B, num_classes], features [B, 256 * width_mult])`.
+    def encode(self, xyz: torch.Tensor, fps_start: torch.Tensor | None = None) -> torch.Tensor:
+        """The three set-abstraction levels: `xyz [B, 3, N]` -> max-pooled global features `[B, 1024 * width_mult]`.
 
         `fps_start [B]`: the point index where farthest point sampling starts for each cloud (both levels); default
         as Point-E: `arange(B)` in eval mode, random in training mode.
         """
-        batch = xyz.shape[0]
         l1_xyz, l1_features = self.sa1(xyz, None, fps_start)
         l2_xyz, l2_features = self.sa2(l1_xyz, l1_features, fps_start)
         _, l3_features = self.sa3(l2_xyz, l2_features)
-        hidden = self.drop1(F.relu(self.bn1(self.fc1(l3_features.view(batch, -1)))))
+        return l3_features.view(xyz.shape[0], -1)
+
+    def classify(self, global_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fully connected head: `[B, 1024 * width_mult]` -> `(log_probs [B, num_classes], features
+        [B, 256 * width_mult])`, the features being `bn2(fc2(.))` (before the ReLU)."""
+        hidden = self.drop1(F.relu(self.bn1(self.fc1(global_features))))
         features = self.bn2(self.fc2(hidden))
         logits = self.fc3(self.drop2(F.relu(features)))
         return F.log_softmax(logits, -1), features
+
+    def forward(self, xyz: torch.Tensor, fps_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`xyz [B, 3, N]` -> `(log_probs [B, num_classes], features [B, 256 * width_mult])`: `classify(encode(xyz))`.
+
+        `fps_start [B]`: see `encode`.
+        """
+        return self.classify(self.encode(xyz, fps_start))

@@ -186,19 +186,26 @@ def pointnet_features(model: PointNet2ClassifierSSG, clouds, batch_size: int = P
     if model.training:
         raise ValueError("pointnet_features needs the model in eval mode (model.eval()): BatchNorm and dropout "
                          "would otherwise depend on the batch and the FPS start would be random.")
-    device = next(model.parameters()).device
     features, probabilities = [], []
-    starts = range(0, len(clouds), chunk_size)
-    # FPS is a loop of small ops; one thread avoids a thread barrier per op (see `single_threaded_torch`).
+    for xyz, fps_start in point_e_batches(model, clouds, batch_size, chunk_size, progress, desc):
+        log_probs, chunk_features = model(xyz, fps_start=fps_start)
+        features.append(chunk_features.cpu().numpy())
+        probabilities.append(log_probs.exp().cpu().numpy())
+    return np.concatenate(features), np.concatenate(probabilities)
+
+
+def point_e_batches(model: PointNet2ClassifierSSG, clouds: np.ndarray, batch_size: int = POINT_E_BATCH_SIZE,
+                    chunk_size: int = 8, progress: bool = False, desc: str = "PointNet++"):
+    """Yields `(xyz [C, 3, N], fps_start [C])` on the model's device for consecutive chunks of `clouds [M, N, 3]`
+    (validated raw xyz), as Point-E feeds its classifier: each cloud normalised, cloud i's FPS starting at point
+    `i % batch_size`. Runs single-threaded on a CPU: FPS is a loop of small ops, and one thread avoids a thread
+    barrier per op (see `single_threaded_torch`)."""
+    device = next(model.parameters()).device
     with single_threaded_torch(device.type == "cpu"):
-        for start in _progress(starts, progress, desc):
+        for start in _progress(range(0, len(clouds), chunk_size), progress, desc):
             chunk = normalize_point_clouds(clouds[start : start + chunk_size])
             xyz = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32).transpose(1, 2)
-            fps_start = torch.arange(start, start + len(chunk), device=device) % batch_size
-            log_probs, chunk_features = model(xyz, fps_start=fps_start)
-            features.append(chunk_features.cpu().numpy())
-            probabilities.append(log_probs.exp().cpu().numpy())
-    return np.concatenate(features), np.concatenate(probabilities)
+            yield xyz, torch.arange(start, start + len(chunk), device=device) % batch_size
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -276,6 +276,12 @@ def run_generate(args) -> int:
     _set_threads(args)
     import torch
 
+    from .volume_decoding import check_grid_memory
+
+    try:  # before loading and denoising: the grid is allocated only after both
+        check_grid_memory(args.octree_resolution)
+    except ValueError as error:
+        raise CLIError(f"--octree-resolution: {error}") from error
     pipe = _load_pipeline(args.model, args.quiet)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(args.seed)

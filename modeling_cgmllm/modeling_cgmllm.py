@@ -39,7 +39,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, is_tracing, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
@@ -545,6 +545,48 @@ def _sample_start_values(
     return values.gather(1, start_column)
 
 
+def check_inputs(condition: torch.Tensor, summary: str, details: Callable[[], str] | None = None) -> None:
+    """Raise `ValueError` unless the boolean tensor `condition` holds everywhere.
+
+    Eager, the condition is read on the host: one sync buys a clear error (`details()`, which may read counts, or
+    `summary`). Traced (torch.compile, export, CUDA graph capture), it becomes a device-side assert inside the graph
+    (`torch._assert_async` with `summary`): no host read and no graph break.
+    """
+    if is_tracing(condition):
+        torch._assert_async(condition.all(), summary)
+    elif not bool(condition.all()):
+        raise ValueError(details() if details is not None else summary)
+
+
+def _cached_length(cache: Cache | None, attention_mask: torch.Tensor | None, seq_len: int) -> int:
+    """The number of cached tokens in front of the `seq_len` new ones, as a host int.
+
+    A `StaticCache` keeps its length in a device tensor (so that compiled steps need not read it back). Traced, the 2D
+    padding mask's width says it without a host read (`cached + new` columns), checked against the cache on the device;
+    eager, or without a mask, the length is read.
+    """
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if not isinstance(length, torch.Tensor):
+        return length
+    if attention_mask is not None and attention_mask.ndim == 2 and is_tracing(length):
+        past_length = attention_mask.shape[-1] - seq_len
+        check_inputs(length == past_length, "`attention_mask` must cover the cached tokens and the new ones.")
+        return past_length
+    return int(length)
+
+
+def masked_row_indices(mask: torch.BoolTensor, count: int) -> torch.LongTensor:
+    """`(count,)` flat (row-major) indices of the True entries of `mask`, in order, without a host sync.
+
+    `mask[mask]` or `mask.nonzero()` read the number of True entries on the host; here the caller knows it (e.g. the
+    number of latent rows it embeds, validated against the mask), so a stable sort that puts the True entries first
+    gives their indices with a shape known in advance.
+    """
+    return torch.argsort((~mask).reshape(-1).to(torch.uint8), stable=True)[:count]
+
+
 class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
     """Qwen3-VL vision tower + MoT text decoder + the 3D connector (`obj2llm`) and timestep embedder.
 
@@ -616,14 +658,13 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         starts_so_far = is_start.long().cumsum(-1)
         ends_before = is_end.long().cumsum(-1) - is_end.long()
         depth = starts_so_far - ends_before
-        if bool((depth < 0).any()) or bool((depth > 1).any()):
-            raise ValueError(
-                "Unbalanced 3D markers: every `<|obj_end|>` must close an `<|obj_start|>` and blocks cannot nest."
-            )
+        check_inputs(
+            (depth >= 0) & (depth <= 1),
+            "Unbalanced 3D markers: every `<|obj_end|>` must close an `<|obj_start|>` and blocks cannot nest.",
+        )
         block_ids = torch.where(depth == 1, starts_so_far - 1, torch.full_like(starts_so_far, -1))
         outside = (input_ids == config.obj_pad_token_id) & (block_ids < 0)
-        if bool(outside.any()):
-            raise ValueError("Found `<|obj_pad|>` tokens outside an `<|obj_start|> ... <|obj_end|>` span.")
+        check_inputs(~outside, "Found `<|obj_pad|>` tokens outside an `<|obj_start|> ... <|obj_end|>` span.")
         return block_ids
 
     def get_rope_index(
@@ -806,28 +847,31 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"{type(cache).__name__} cannot be cropped (sliding-window or quantized layers). Use a DynamicCache "
                 "or a StaticCache for the denoising steps."
             )
-        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        past_length = _cached_length(cache, attention_mask, seq_len)
 
         # 1. Token embeddings, images (Qwen3-VL), 3D latent rows.
         if input_ids is None:
             self._check_no_shape_rows_in_embeds(inputs_embeds, shape_latents, shape_block_ids)
         image_token_mask = self.get_image_token_mask(input_ids, inputs_embeds, mm_token_type_ids)
         visual_pos_masks, deepstack_visual_embeds, image_outputs = None, None, None
-        num_image_tokens = int(image_token_mask.sum())
-        if num_image_tokens > 0 and pixel_values is None:
-            raise ValueError(
-                f"The sequence holds {num_image_tokens} image tokens but no `pixel_values` were given."
+        if pixel_values is None:
+            check_inputs(
+                ~image_token_mask,
+                "The sequence holds image tokens but no `pixel_values` were given.",
+                lambda: f"The sequence holds {int(image_token_mask.sum())} image tokens but no `pixel_values` were "
+                "given.",
             )
-        if pixel_values is not None:
+        else:
             if image_grid_thw is None:
                 raise ValueError("`pixel_values` were given without `image_grid_thw`.")
             image_outputs = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             image_embeds = torch.cat(image_outputs.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            if image_embeds.shape[0] != num_image_tokens:
-                raise ValueError(
-                    f"The images produce {image_embeds.shape[0]} visual tokens but the sequence holds "
-                    f"{num_image_tokens} image tokens."
-                )
+            check_inputs(
+                image_token_mask.sum() == image_embeds.shape[0],
+                "The images produce another number of visual tokens than the sequence holds image tokens.",
+                lambda: f"The images produce {image_embeds.shape[0]} visual tokens but the sequence holds "
+                f"{int(image_token_mask.sum())} image tokens.",
+            )
             image_mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
             visual_pos_masks = image_token_mask
@@ -849,11 +893,14 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             )
         if shape_out is not None:
             shape_embeds, shape_timesteps, velocity_target, flow_loss_mask = shape_out
-            num_shape_rows = shape_embeds.shape[0]  # known on the host: routing needs no device sync
-            inputs_embeds = inputs_embeds.masked_scatter(
-                shape_row_mask.unsqueeze(-1).expand_as(inputs_embeds), shape_embeds.to(inputs_embeds)
+            num_shape_rows = shape_embeds.shape[0]  # known on the host (and checked against the mask): no sync
+            shape_row_index = masked_row_indices(shape_row_mask, num_shape_rows)
+            inputs_embeds = (
+                inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+                .index_copy(0, shape_row_index, shape_embeds.to(inputs_embeds))
+                .view_as(inputs_embeds)
             )
-            noisy_shape_mask = self._noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps)
+            noisy_shape_mask = self._noisy_token_mask(shape_row_index, shape_block_ids, shape_timesteps)
         else:
             velocity_target = flow_loss_mask = None
             num_shape_rows = 0
@@ -869,10 +916,11 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             text_position_ids = position_ids[0]
         if packed_sample_ids is None:
             packed_sample_ids = packed_sample_ids_from_position_ids(text_position_ids, attention_mask, past_length)
-        has_multimodal_rows = num_image_tokens > 0 or bool((shape_block_ids >= 0).any())
         if position_ids is not None and position_ids.ndim == 3:
             position_ids = position_ids[1:] if position_ids.shape[0] == 4 else position_ids
-        elif position_ids is not None and (past_length > 0 or not has_multimodal_rows):
+        elif position_ids is not None and (
+            past_length > 0 or (pixel_values is None and not bool((shape_block_ids >= 0).any()))
+        ):
             # Text positions: the same id on the three mRoPE axes (what Qwen3-VL does with 2D ids).
             position_ids = text_position_ids.unsqueeze(0).expand(3, -1, -1)
         elif past_length == 0 or self.rope_deltas is None:
@@ -953,12 +1001,13 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"`point_features` must have shape (num_rows, {width}) (config.point_feature_dim), got "
                 f"{tuple(torch.as_tensor(point_features).shape)}."
             )
-        num_rows = int(shape_row_mask.sum())
-        if features.shape[0] != num_rows:
-            raise ValueError(
-                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of `point_features` rows "
-                f"({features.shape[0]})."
-            )
+        num_rows = features.shape[0]
+        check_inputs(
+            shape_row_mask.sum() == num_rows,
+            "The number of `<|obj_pad|>` tokens must equal the number of `point_features` rows.",
+            lambda: f"The number of `<|obj_pad|>` tokens ({int(shape_row_mask.sum())}) must equal the number of "
+            f"`point_features` rows ({num_rows}).",
+        )
         # The inputs' device (parameters may sit on `meta` under sequential offload; hooks move the inputs).
         device = shape_row_mask.device
         embeds = connector(features.to(device=device, dtype=connector.fc1.weight.dtype))
@@ -972,12 +1021,13 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         or None when the sequence has no latent rows.
         """
         config = self.config
-        num_rows = int(shape_row_mask.sum())
         if shape_latents is None:
-            if num_rows > 0:
-                raise ValueError(
-                    f"`input_ids` holds {num_rows} `<|obj_pad|>` latent rows but no `shape_latents` were given."
-                )
+            check_inputs(
+                ~shape_row_mask,
+                "`input_ids` holds `<|obj_pad|>` latent rows but no `shape_latents` were given.",
+                lambda: f"`input_ids` holds {int(shape_row_mask.sum())} `<|obj_pad|>` latent rows but no "
+                "`shape_latents` were given.",
+            )
             return None
         if isinstance(shape_latents, (list, tuple)):
             shape_latents = torch.cat([torch.as_tensor(x) for x in shape_latents], dim=0)
@@ -988,11 +1038,14 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
                 f"`shape_latents` must have shape (num_latent_rows, {config.shape_latent_channels}), got "
                 f"{tuple(shape_latents.shape)}."
             )
-        if shape_latents.shape[0] != num_rows:
-            raise ValueError(
-                f"The number of `<|obj_pad|>` tokens ({num_rows}) must equal the number of latent rows in "
-                f"`shape_latents` ({shape_latents.shape[0]})."
-            )
+        # The row count comes from the latents (known on the host), checked against the mask.
+        num_rows = shape_latents.shape[0]
+        check_inputs(
+            shape_row_mask.sum() == num_rows,
+            "The number of `<|obj_pad|>` tokens must equal the number of latent rows in `shape_latents`.",
+            lambda: f"The number of `<|obj_pad|>` tokens ({int(shape_row_mask.sum())}) must equal the number of "
+            f"latent rows in `shape_latents` ({num_rows}).",
+        )
         # The inputs' device, not a parameter's: under sequential offload parameters sit on `meta`, and under a
         # `device_map` accelerate's hooks move the connector's inputs to wherever it lives.
         device = shape_row_mask.device
@@ -1026,8 +1079,8 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
             block_t = torch.sigmoid(config.timestep_logit_mean + config.timestep_logit_std * logits)
             shift = config.timestep_shift
             block_t = shift * block_t / (1 + (shift - 1) * block_t)
-            rows_b, rows_l = shape_row_mask.nonzero(as_tuple=True)
-            timesteps = block_t[rows_b, shape_block_ids[rows_b, rows_l].to(device)]
+            token_t = block_t.gather(1, shape_block_ids.to(device).clamp(min=0))  # each token: its block's t
+            timesteps = token_t.reshape(-1).index_select(0, masked_row_indices(shape_row_mask, num_rows))
             timesteps = torch.where(flow_loss_mask, timesteps, torch.zeros_like(timesteps))
             noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None
                                 else generator.device).to(device)
@@ -1038,16 +1091,22 @@ class CGMLLMModel(CGMLLMPreTrainedModel, Qwen3VLModel):
         return embeds, timesteps, velocity_target, flow_loss_mask
 
     @staticmethod
-    def _noisy_token_mask(shape_row_mask, shape_block_ids, shape_timesteps) -> torch.BoolTensor:
-        """`(batch, seq_len)` True for every token (markers included) of a block holding a latent row with t > 0."""
-        batch_size, seq_len = shape_row_mask.shape
+    def _noisy_token_mask(shape_row_index, shape_block_ids, shape_timesteps) -> torch.BoolTensor:
+        """`(batch, seq_len)` True for every token (markers included) of a block holding a latent row with t > 0.
+
+        `shape_row_index` `(num_latent_rows,)`: the flat positions of the latent rows ([`masked_row_indices`]).
+        """
+        batch_size, seq_len = shape_block_ids.shape
         device = shape_block_ids.device
-        rows_b, rows_l = shape_row_mask.nonzero(as_tuple=True)
-        noisy_block = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
-        noisy_rows = shape_timesteps.to(device) > 0
-        noisy_block[rows_b[noisy_rows], shape_block_ids[rows_b, rows_l][noisy_rows]] = True
-        in_block = shape_block_ids >= 0
-        return in_block & noisy_block.gather(1, shape_block_ids.clamp(min=0))
+        # 1 at the latent rows with t > 0, 0 elsewhere; then the largest value per (row, block id): the noisy blocks.
+        row_is_noisy = torch.zeros(batch_size * seq_len, device=device).index_copy(
+            0, shape_row_index.to(device), (shape_timesteps.to(device) > 0).float()
+        )
+        block_index = shape_block_ids.clamp(min=0)  # tokens outside blocks add a 0 to block 0: no change
+        noisy_block = torch.zeros(batch_size, seq_len, device=device).scatter_reduce(
+            1, block_index, row_is_noisy.view(batch_size, seq_len), reduce="amax"
+        )
+        return (shape_block_ids >= 0) & (noisy_block.gather(1, block_index) > 0)
 
 
 class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
@@ -1144,7 +1203,8 @@ class CGMLLMForConditionalGeneration(CGMLLMPreTrainedModel, GenerationMixin):
 
         velocity = None
         if outputs.shape_timesteps is not None:
-            velocity = self.llm2obj(hidden_states[outputs.shape_row_mask]).float()
+            rows = masked_row_indices(outputs.shape_row_mask, outputs.shape_timesteps.shape[0]).to(hidden_states.device)
+            velocity = self.llm2obj(hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, rows)).float()
 
         target_ids = None
         if labels is not None:

@@ -224,6 +224,16 @@ def test_incomplete_folder_is_refused_before_any_model_is_built(pipe_dir, tmp_pa
     assert not (tmp_path / "x.glb").exists()
 
 
+def test_an_octree_larger_than_the_memory_is_refused_before_loading(pipe_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the pipeline was loaded"))
+    output = tmp_path / "x.glb"
+    assert cli.main(["generate", "a ball", "-o", str(output), "--model", str(pipe_dir), "--octree-resolution",
+                     "10000"]) == 2
+    err = capsys.readouterr().err
+    assert "--octree-resolution: octree resolution 10000 needs about" in err and "available" in err
+    assert not output.exists()
+
+
 def test_gltf_outputs_are_self_contained_and_overwrite_is_announced(pipe_dir, tmp_path, capsys):
     level = _iso_level(pipe_dir, "a round ball", steps=2, seed=1)
     common = ["--model", str(pipe_dir), "--steps", "2", "--seed", "1", "--octree-resolution", "16", "--mc-level",

@@ -56,7 +56,7 @@ def _run_both(model, call):
     return reference, result
 
 
-# Dispatch (no kernel runs) ---------------------------------------------------------------------------------------------
+# Dispatch (no kernel runs) --------------------------------------------------------------------------------------------
 def _setup(tiny_config, input_ids, attention_mask=None, past=0, noisy=None, packed=None, cache=None):
     config = tiny_config.text_config
     config._attn_implementation = "flash_attention_2"
@@ -118,7 +118,7 @@ def test_packed_cu_seqlens_across_rows():
     assert cu_seqlens.tolist() == [0, 2, 5, 6, 10] and longest == 4
 
 
-# Equivalence with sdpa (the stand-in kernel) -----------------------------------------------------------------------------
+# Equivalence with sdpa (the stand-in kernel) --------------------------------------------------------------------------
 def test_padded_prefill_then_denoising_steps_equal_sdpa(tiny_model, flash_standin):
     # The pipeline's shapes: a left-padded prompt batch prefilled into a cache, then denoising steps on one block,
     # then the clean block written into the cache and the next block's step.
@@ -255,7 +255,7 @@ def test_pipeline_generation_equals_sdpa(flash_standin):
     torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-5)
 
 
-# Errors -----------------------------------------------------------------------------------------------------------------
+# Errors ---------------------------------------------------------------------------------------------------------------
 def test_flash_attention_without_flash_attn_is_a_clear_error(tiny_model, monkeypatch):
     monkeypatch.setattr(masking, "is_flash_attn_2_available", lambda: False)
     _use(tiny_model, "flash_attention_2")

@@ -26,10 +26,14 @@ from cgmllm.mesh_utils import (
     winding_number,
 )
 from cgmllm.volume_decoding import (
+    _cells_touching,
+    _collect,
+    _corner_offsets,
     decode_volume_dense,
     decode_volume_hierarchical,
     dense_grid_points,
     field_to_mesh,
+    grid_memory_bytes,
     hierarchical_levels,
     marching_cubes,
 )
@@ -311,6 +315,8 @@ def test_marching_cubes_sphere_is_watertight_outward_and_right_size():
     [
         sphere_field(0.6),
         sphere_field(0.37, center=(0.2, -0.1, 0.05)),
+        # Cut open by the box on five of its faces: active cells on the grid's first and last planes.
+        sphere_field(0.8, center=(-1.0, -1.0, 1.0)),
         # A wavy ellipsoid pierced by a thin disc (0.06 thick, radius 0.9). The coarse 8^3 grid sees none of the
         # disc's rim; the closure follows the surface out along the disc at the finer levels.
         lambda p: torch.maximum(
@@ -329,6 +335,45 @@ def test_hierarchical_equals_dense_on_analytic_fields(field):
     np.testing.assert_array_equal(mesh_dense.vertices, mesh_hier.vertices)
     # Wherever the hierarchical decoder did evaluate, its values are the dense ones, bit for bit.
     np.testing.assert_array_equal(dense.values[hierarchical.evaluated], hierarchical.values[hierarchical.evaluated])
+
+
+def test_index_bookkeeping_of_the_hierarchical_decoder_matches_brute_force():
+    n = 6
+    marks = np.zeros(n**3, dtype=bool)
+    rng = np.random.default_rng(0)
+    sets = [rng.integers(0, n**3, size) for size in (0, 1, 40, 300)]
+    np.testing.assert_array_equal(_collect(marks, sets), np.unique(np.concatenate(sets)))
+    assert not marks.any()  # left all-False for the next use
+
+    # Cells touching points, with points on every face, edge and corner of the grid (where flat offsets borrow).
+    points = np.unique(np.concatenate([rng.integers(0, n**3, 60), [0, n - 1, n * n - 1, n**3 - n * n, n**3 - 1]]))
+    expected = set()
+    for i, j, k in zip(*np.unravel_index(points, (n, n, n))):
+        for ci in (i - 1, i):
+            for cj in (j - 1, j):
+                for ck in (k - 1, k):
+                    if 0 <= min(ci, cj, ck) and max(ci, cj, ck) < n - 1:
+                        expected.add((ci * n + cj) * n + ck)
+    found = _cells_touching(marks, points, _corner_offsets(n), n)
+    np.testing.assert_array_equal(found, sorted(expected))
+    assert not marks.any()
+
+
+def test_a_grid_larger_than_the_memory_is_refused_before_the_field_is_called():
+    calls = []
+
+    def field(xyz):
+        calls.append(len(xyz))
+        return sphere_field()(xyz)
+
+    # 10,000 cells per axis: about 9 TB for the hierarchical grid, more than any machine running these tests has.
+    assert grid_memory_bytes(10_000) > 9e12 and grid_memory_bytes(10_000, "dense") > grid_memory_bytes(10_000)
+    for method in ("hierarchical", "dense"):
+        with pytest.raises(ValueError, match=f"octree resolution 10000 needs about .* GiB .*{method}"):
+            field_to_mesh(field, resolution=10_000, method=method)
+    assert calls == []
+    field_to_mesh(field, resolution=16)  # an ordinary size passes the check
+    assert calls
 
 
 def test_band_catches_parts_the_coarse_grid_cannot_see():

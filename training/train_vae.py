@@ -12,6 +12,12 @@ training step is only the VAE forward/backward (`ShapeVAE.compute_loss`) on a ra
 At the end the VAE is saved to `OUT/vae` (`ShapeVAE.from_pretrained(OUT / "vae")`) and the held-out reconstruction
 IoU to `OUT/metrics.json`.
 
+Where it runs: `--device cuda` trains on a GPU (the data stays in host memory; each step's batch is copied over),
+`--device cpu` (the default) on the CPU. The random streams (batches, queries, augmentation, FPS starts, posterior
+noise) are drawn on the CPU in both cases, so a GPU run sees the same samples as a CPU run; its floating-point results
+differ only by the device's arithmetic. `--compile` runs the loss computation through `torch.compile` (inductor): the
+same loss and gradients as eager to rounding (a test checks one step), fewer and larger kernels per step.
+
 Long runs in several sittings: every `--save-every` steps the whole training state (weights, optimizer, schedule,
 both random streams, history) goes to `OUT/checkpoint/state.pt`, written to a temporary folder and renamed, so a kill
 at any moment leaves the previous checkpoint usable. `--resume` continues from it and ends with exactly the weights
@@ -267,6 +273,9 @@ def train_vae(args) -> dict:
         raise ValueError(f"--stop-after must be at least 1 step, got {args.stop_after}.")
     if args.save_every < 0:
         raise ValueError(f"--save-every must be >= 0 (0: only when stopping early), got {args.save_every}.")
+    from .devices import describe_device, resolve_device
+
+    device = resolve_device(args.device)  # before any work: a missing GPU is an error now, not after precompute
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -292,8 +301,11 @@ def train_vae(args) -> dict:
 
     torch.manual_seed(args.seed)
     vae = build_vae(args.num_latents, args.embed_dim, args.width, args.heads, args.encoder_layers,
-                    args.decoder_layers, num_points, args.downsample_ratio, args.num_freqs, args.init_logvar).train()
-    print(f"ShapeVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.num_latents} latents")
+                    args.decoder_layers, num_points, args.downsample_ratio, args.num_freqs, args.init_logvar)
+    vae = vae.to(device).train()  # (initialised on the CPU: the same initial weights on every device)
+    print(f"ShapeVAE: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, {args.num_latents} latents, "
+          f"on {describe_device(device)}{', compiled' if args.compile else ''}")
+    compute_loss = torch.compile(vae.compute_loss) if args.compile else vae.compute_loss
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)) * (
@@ -339,8 +351,10 @@ def train_vae(args) -> dict:
         # `mapped` is [distances through the augmentation] with SDF labels, else empty.
         surface, points, *mapped = augment_samples(train["surface"][index], train["points"][rows], rng, args.stretch,
                                                    args.rotate, **field)
-        loss = vae.compute_loss(surface, points, **_loss_targets(train, rows, truncation, args.sdf_loss, *mapped),
-                                kl_weight=args.kl_weight, num_latents=num_latents, generator=generator)
+        targets = _loss_targets(train, rows, truncation, args.sdf_loss, *mapped)
+        targets["query_labels"] = torch.from_numpy(np.ascontiguousarray(targets["query_labels"])).to(device)
+        loss = compute_loss(torch.from_numpy(surface).to(device), torch.from_numpy(points).to(device), **targets,
+                            kl_weight=args.kl_weight, num_latents=num_latents, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -360,7 +374,8 @@ def train_vae(args) -> dict:
     timings["train_s"] = timings.pop("train_s_before_resume", 0.0) + float(sum(step_times))
     timings["step_s"] = float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
 
-    metrics = {"labels": args.labels, "num_train": len(train_files), "num_heldout": len(eval_files),
+    metrics = {"labels": args.labels, "device": describe_device(device), "compiled": args.compile,
+               "num_train": len(train_files), "num_heldout": len(eval_files),
                "steps": args.steps, "num_latents": args.num_latents, "num_points": num_points,
                "augment": {"stretch": args.stretch, "rotate": args.rotate}, "timings": timings,
                "history": history, "parameters": sum(p.numel() for p in vae.parameters())}
@@ -371,7 +386,7 @@ def train_vae(args) -> dict:
             metrics[name] = evaluate_iou(vae, subset, args.num_latents, args.num_uniform, seed=args.seed,
                                          sdf_truncation=truncation, sdf_loss=args.sdf_loss)
             print(f"{name}: IoU {metrics[name]['iou']:.3f} (all queries {metrics[name]['iou_all']:.3f})")
-    vae.eval().save_pretrained(out / "vae")
+    vae.to("cpu").eval().save_pretrained(out / "vae")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for folder in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # finished: the saved VAE and metrics replace them
         shutil.rmtree(out / folder, ignore_errors=True)
@@ -420,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-eval", type=int, default=200, help="training meshes in the train IoU")
     parser.add_argument("--num-workers", type=int, default=0, help="processes for the precomputation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default="cpu",
+                        help="where to train: cpu, cuda or cuda:N (a clear error where it is not available)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the loss computation (inductor; same values as eager to rounding)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=500,

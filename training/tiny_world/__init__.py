@@ -58,7 +58,8 @@ Modules
 -------
 One concern each: `families` (vocabulary), `captions`, `shapes` (`ShapeSpec` and its mesh), `split`, `classifiers`
 (ground truth for evaluation), `dataset` (on disk, and the command line), `evaluation` (quality of a pipeline on
-the held-out split, behind `benchmarks/eval_tiny_world.py`) and `recipe` (one command from nothing to a trained
+the held-out split, behind `benchmarks/eval_tiny_world.py`), `primitives` (trimesh's own primitives in any pose and
+tessellation: held-out meshes the tiny world did not make) and `recipe` (one command from nothing to a trained
 pipeline folder: `python -m cgmllm.training.tiny_world.recipe --out DIR`).
 """
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, find_packed_sequence_indices
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import is_flash_attn_2_available, is_tracing
 from transformers.utils.generic import is_flash_attention_requested
 
 
@@ -196,14 +196,18 @@ def create_hybrid_attention_mask(
     kv_length = past_length + q_length
     device = inputs_embeds.device
 
-    has_blocks = bool((shape_block_ids >= 0).any())
-    has_padding = attention_mask is not None and not bool(attention_mask.bool().all())
-    plain_causal = not has_blocks and not has_padding and packed_sample_ids is None
-    if plain_causal and implementation == config._attn_implementation:
-        # Plain causal attention: exactly what Qwen3-VL does (lets sdpa use `is_causal`).
-        return create_causal_mask(
-            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
-        )
+    # The shortcuts below read the inputs' layout on the host (one sync each). Traced (torch.compile, export, CUDA
+    # graph capture), the forward builds the general mask instead: the same rule, no host read, no graph break.
+    shortcuts = not is_tracing(inputs_embeds)
+    if shortcuts:
+        has_blocks = bool((shape_block_ids >= 0).any())
+        has_padding = attention_mask is not None and not bool(attention_mask.bool().all())
+        plain_causal = not has_blocks and not has_padding and packed_sample_ids is None
+        if plain_causal and implementation == config._attn_implementation:
+            # Plain causal attention: exactly what Qwen3-VL does (lets sdpa use `is_causal`).
+            return create_causal_mask(
+                config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+            )
     if packed_sample_ids is not None and past_length > 0:
         raise ValueError("Packed sequences (`packed_sample_ids`) cannot be combined with a KV cache.")
 
@@ -221,26 +225,24 @@ def create_hybrid_attention_mask(
     if cache is not None:
         unused_columns = max(int(cache.get_mask_sizes(q_length, 0)[0]) - kv_length, 0)
     if (
-        packed_sample_ids is None
-        and unused_columns == 0
+        shortcuts
+        and packed_sample_ids is None
         and implementation in ("sdpa", "eager")
         and _queries_are_one_block(shape_block_ids, keep[:, past_length:])
-        and bool(keep.all())
     ):
-        # The queries are one block and see every key: no mask at all.
-        return None
-    keep = _pad_future(keep, unused_columns, False)
-    if packed_sample_ids is None and implementation in ("sdpa", "eager") and _queries_are_one_block(
-        shape_block_ids, keep[:, past_length : past_length + q_length]
-    ):
+        if unused_columns == 0 and bool(keep.all()):
+            # The queries are one block and see every key: no mask at all.
+            return None
         # A denoising step (or a clean block written after the cached prompt): every query sees every kept key, so
         # the mask is the padding mask broadcast over the queries, `(batch, 1, 1, kv_len)`: O(kv_len) to build
         # instead of O(q_len * kv_len), and the kernel converts a tiny boolean mask instead of a full one per layer.
+        keep = _pad_future(keep, unused_columns, False)
         if implementation == "sdpa":
             return keep[:, None, None, :]
         return torch.zeros(keep.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
             ~keep, torch.finfo(inputs_embeds.dtype).min
         )[:, None, None, :]
+    keep = _pad_future(keep, unused_columns, False)
     block_ids = _pad_future(_pad_past(shape_block_ids.to(device), past_length, -1), unused_columns, -1)
     noisy = _pad_future(_pad_past(noisy_shape_mask.to(device).bool(), past_length, False), unused_columns, False)
     kv_length += unused_columns
