@@ -41,7 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .mesh_utils import single_threaded_torch
-from .volume_decoding import field_to_mesh
+from .volume_decoding import check_grid_memory, field_to_mesh, grid_memory_bytes
 
 
 logger = logging.get_logger(__name__)
@@ -662,6 +662,16 @@ class ShapeVAE(ModelMixin, ConfigMixin):
             return decoder(xyz, features, latent_kv=latent_kv)[0, :, 0].float().cpu()
 
         return field
+
+    @staticmethod
+    def check_mesh_settings(octree_resolution: int, method: str = "hierarchical") -> None:
+        """Raises `ValueError` if `features_to_mesh` cannot run with these settings: an octree resolution below 1, an
+        unknown method, or a grid that cannot fit in the memory available now (`volume_decoding.check_grid_memory`).
+        Pipelines call it before denoising, so that a bad setting fails before the work, not after it."""
+        if not isinstance(octree_resolution, int) or octree_resolution < 1:
+            raise ValueError(f"`octree_resolution` must be a positive integer, got {octree_resolution!r}.")
+        grid_memory_bytes(octree_resolution, method)  # names an unknown method
+        check_grid_memory(octree_resolution, method)
 
     @torch.no_grad()
     @apply_forward_hook

@@ -329,6 +329,16 @@ def test_bad_inputs_raise(pipe, kwargs, match):
         pipe(num_inference_steps=kwargs.pop("num_inference_steps", STEPS), **kwargs)
 
 
+def test_mesh_settings_are_checked_before_the_prompt_is_encoded(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *args, **kwargs: pytest.fail("the prompt was encoded"))
+    with pytest.raises(ValueError, match="octree resolution 10000 needs about .* GiB"):
+        pipe("a car", octree_resolution=10_000)  # about 9 TB of grid
+    with pytest.raises(ValueError, match="`octree_resolution` must be a positive integer, got 0"):
+        pipe("a car", octree_resolution=0)
+    with pytest.raises(ValueError, match="'sparse'"):
+        pipe("a car", mesh_kwargs={"method": "sparse"})
+
+
 def test_bad_caption_inputs_raise(pipe, tmp_path, image):
     with pytest.raises(ValueError, match="exactly one"):
         pipe.caption()

@@ -145,8 +145,9 @@ def fit_classifier_head(model: PointNet2ClassifierSSG, features: torch.Tensor, l
 
     Why: an end-to-end step costs ~10-60 s on one busy core (the second level's MLP alone runs on 16 x 128 x 64
     grouped points), so a few minutes buy a few dozen steps; the global features of every training cloud cost one
-    forward pass each, after which a head step costs milliseconds. Measured on the tiny world (320 shapes, after 40
-    end-to-end steps): 38% held-out accuracy before, ~60% after.
+    forward pass each, after which a head step costs milliseconds. Measured on the tiny world: the classifier shipped
+    before this phase existed (40 end-to-end steps) went from 38% to ~60% held-out accuracy with a head fitted on 320
+    shapes; the shipped one (`train_tiny_world_pointnet` defaults) reaches 72%.
     """
     if len(features) != len(labels) or len(features) < batch_size:
         raise ValueError(f"{len(features)} feature rows, {len(labels)} labels, batch size {batch_size}: need one "
@@ -179,14 +180,15 @@ def fit_classifier_head(model: PointNet2ClassifierSSG, features: torch.Tensor, l
         model.requires_grad_(True)
         # Running statistics of the final head weights: a cumulative average over every training cloud.
         norms = [model.bn1, model.bn2]
+        momenta = [norm.momentum for norm in norms]
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None
         with torch.no_grad():
             for start in range(0, len(features) - batch_size + 1, batch_size):  # full batches (BatchNorm1d)
                 model.classify(features[start : start + batch_size])
-        for norm in norms:
-            norm.momentum = 0.1
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
     return model.eval(), losses
 
 
@@ -212,10 +214,11 @@ def train_tiny_world_pointnet(out: str | Path, *, num_train: int = 480, num_held
                               batch_size: int = 8, lr: float = 2e-3, head_steps: int = 400, width_mult: int = 2,
                               seed: int = 0) -> dict:
     """Trains the tiny world's PointNet++ (`train_pointnet` end to end, then `fit_classifier_head`, batch
-    `2 * batch_size`, on the frozen set-abstraction features of the same shapes), saves `out/pointnet.pt` (Point-E's layout) and
-    `out/summary.json` (settings, losses, train / held-out accuracy, majority share, wall times) and returns the
-    summary. The shapes are the tiny world's `train` split, the accuracy is on its held-out `test` split (novel
-    combinations included), both drawn by `make_tiny_world_specs` with `seed`."""
+    `2 * batch_size`, on the frozen set-abstraction features of the same shapes), saves `out/pointnet.pt` (Point-E's
+    layout), `out/summary.json` (settings, losses, train / held-out accuracy, majority share, wall times) and the
+    model card (`write_pointnet_card`), and returns the summary. The shapes are the tiny world's `train` split, the
+    accuracy is on its held-out `test` split (novel combinations included), both drawn by `make_tiny_world_specs`
+    with `seed`."""
     timings = {}
     start = time.perf_counter()
     specs = make_tiny_world_specs(num_train=num_train, num_heldout=num_heldout, seed=seed)
@@ -294,8 +297,10 @@ surface points each, normalised as Point-E normalises at evaluation.
 | measured (`summary.json`) | value |
 |---|---|
 | end-to-end loss, first step -> mean of the last 5 | {e2e_first:.2f} -> {e2e_last:.2f} |
-| training accuracy after the end-to-end phase / after the head ({num_train} shapes) | {e2e_accuracy:.0%} / {train_accuracy:.0%} |
-| held-out family accuracy ({num_heldout} shapes of the `test` split, novel combinations included) | {heldout_accuracy:.0%} |
+| training accuracy after the end-to-end phase / after the head ({num_train} shapes) | \
+{e2e_accuracy:.0%} / {train_accuracy:.0%} |
+| held-out family accuracy ({num_heldout} shapes of the `test` split, novel combinations included) | \
+{heldout_accuracy:.0%} |
 | majority-class share of those held-out shapes | {majority_share:.0%} |
 | wall time (s): {timing_names} | {timing_values} |
 
@@ -326,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--num-train", type=int, default=480, help="training shapes (train split)")
     parser.add_argument("--num-heldout", type=int, default=100, help="held-out shapes for the accuracy")
     parser.add_argument("--steps", type=int, default=40, help="end-to-end steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="end-to-end batch size (the head phase uses twice it)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="end-to-end batch size (the head phase uses twice it)")
     parser.add_argument("--lr", type=float, default=2e-3,
                         help="end-to-end peak (cosine to 0); yanx27 uses 1e-3 over 200 epochs")
     parser.add_argument("--head-steps", type=int, default=400,
