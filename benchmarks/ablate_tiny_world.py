@@ -192,6 +192,17 @@ def import_everything() -> None:
                 importlib.import_module(f"{name}.{module.name}")
 
 
+def check_settings(path: Path, args, num_rows: int) -> None:
+    """A result of other settings in the same work folder would end up in one table with the new ones: refused."""
+    result = json.loads(path.read_text())
+    wanted = {"steps": args.steps, "num_rows": num_rows, "denoise_steps": args.denoise_steps}
+    differing = {key: (result[key], value) for key, value in wanted.items() if result.get(key, value) != value}
+    if differing:
+        raise ValueError(f"{path} was measured with other settings ("
+                         + ", ".join(f"{key} {old} instead of {new}" for key, (old, new) in differing.items())
+                         + "); rerun with the same arguments, or choose a new --work.")
+
+
 def run(args) -> None:
     from cgmllm.evaluation import tiny_world_pointnet_path
     from cgmllm.training.tiny_world.evaluation import heldout_rows, single_shape_rows
@@ -214,6 +225,7 @@ def run(args) -> None:
         for arm in args.arms:
             path = work / "results" / f"{arm}-seed{seed}.json"
             if path.is_file():
+                check_settings(path, args, len(rows))
                 log(f"{arm} seed {seed}: done in an earlier run")
                 continue
             log(f"{arm} seed {seed}: training {args.steps} steps")
@@ -222,7 +234,8 @@ def run(args) -> None:
             log(f"{arm} seed {seed}: trained in {seconds:.0f} s; evaluating on {len(rows)} held-out rows")
             tick = time.perf_counter()
             result = evaluate_arm(arm, model, processor, rows, args.denoise_steps, pointnet)
-            result.update(arm=arm, seed=seed, steps=args.steps, num_rows=len(rows), train_seconds=seconds,
+            result.update(arm=arm, seed=seed, steps=args.steps, num_rows=len(rows), denoise_steps=args.denoise_steps,
+                          train_seconds=seconds,
                           eval_seconds=time.perf_counter() - tick,
                           parameters=sum(p.numel() for p in model.parameters()))
             temporary = path.with_suffix(".tmp")
@@ -280,7 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/ablation", help="folder for data, latents, runs and results")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per arm (batch 16)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per arm (batch 16)")
     parser.add_argument("--num", type=int, default=30, help="held-out single-shape rows per measurement")
     parser.add_argument("--denoise-steps", type=int, default=25, help="sampling steps of text -> 3D")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -91,7 +91,10 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
     result = json.loads((tmp_path / "results" / "shared-seed0.json").read_text())
     assert (result["mesh_caption"], result["train_seconds"], result["parameters"]) == (1.0, 7.0, 9)
     # Everything has a result now: a third run trains nothing.
-    assert ablate.main(["--work", str(tmp_path), "--seeds", "0"]) == 0
+    assert ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "12"]) == 0
     assert len(trained) == 1
+    # Results of other settings are not mixed into one table.
+    with pytest.raises(ValueError, match=r"other settings \(steps 12 instead of 40\)"):
+        ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "40"])
     assert "p-FID floor (the prompts' combinations drawn again with new dimensions, scored the same way): 4.2" in (
         ablate.table(tmp_path, list(ablate.ARMS), [0]))
