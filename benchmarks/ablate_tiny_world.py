@@ -2,6 +2,7 @@
 
     python benchmarks/ablate_tiny_world.py --work runs/ablation                   # train + evaluate what is missing
     python benchmarks/ablate_tiny_world.py --work runs/ablation --table-only      # print the table of what finished
+    python benchmarks/ablate_tiny_world.py --work runs/ablation-gpu --device cuda --steps 2000 --num 90 --seeds 0 1 2
 
 Arms (each a tiny CG-MLLM of the shipped size trained on the latents of the shipped ShapeVAE, one stage of
 `--steps` optimizer steps at batch 16, condition dropout 10%, learning rate 1e-3; only the named setting differs
@@ -94,7 +95,7 @@ def prepare_data(work: Path, seed: int = 0) -> Path:
     return latents
 
 
-def arm_config(arm: str, seed: int, steps: int, work: Path) -> Path:
+def arm_config(arm: str, seed: int, steps: int, work: Path, device: str = "cpu") -> Path:
     """Write the arm's `cgmllm-train` config (the shipped tiny-world config with one stage) and return its path."""
     settings = ARMS[arm]
     base = work / "base_config.yaml"
@@ -112,7 +113,7 @@ def arm_config(arm: str, seed: int, steps: int, work: Path) -> Path:
                                    mixture_of_transformers=settings.get("mixture_of_transformers", True))
     config["tasks"] = settings.get("tasks", JOINT_TASKS)
     config["training"].update(save_strategy="steps", save_steps=max(1, steps // 4), save_total_limit=1,
-                              logging_steps=max(1, steps // 10), disable_tqdm=True)
+                              logging_steps=max(1, steps // 10), disable_tqdm=True, use_cpu=device == "cpu")
     config["stages"] = [{"name": "train", "kind": "alignment", "num_shape_tokens": tokens, "condition_dropout": 0.1,
                          "learning_rate": 1.0e-3, "max_steps": steps}]
     run.mkdir(parents=True, exist_ok=True)
@@ -121,12 +122,13 @@ def arm_config(arm: str, seed: int, steps: int, work: Path) -> Path:
     return path
 
 
-def train_arm(arm: str, seed: int, steps: int, work: Path):
-    """Train (or resume, or load the finished) arm; returns `(model, processor, train seconds)`."""
+def train_arm(arm: str, seed: int, steps: int, work: Path, device: str = "cpu"):
+    """Train (or resume, or load the finished) arm on `device` (the Trainer picks the first GPU for `cuda`); returns
+    `(model, processor, train seconds)`."""
     from cgmllm import CGMLLMProcessor
     from cgmllm.training.cli import load_config, run_stages
 
-    config_path = arm_config(arm, seed, steps, work)
+    config_path = arm_config(arm, seed, steps, work, device)
     run = config_path.parent
     timing = run / "train_seconds.json"
     spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
@@ -140,7 +142,7 @@ def train_arm(arm: str, seed: int, steps: int, work: Path):
 
 
 @torch.no_grad()
-def evaluate_arm(arm: str, model, processor, rows, num_steps: int, pointnet) -> dict:
+def evaluate_arm(arm: str, model, processor, rows, num_steps: int, pointnet, device: str = "cpu") -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from cgmllm.modeling_shape_vae import ShapeVAE
@@ -154,7 +156,7 @@ def evaluate_arm(arm: str, model, processor, rows, num_steps: int, pointnet) -> 
 
     vae = ShapeVAE.from_pretrained(SHIPPED_VAE).eval().requires_grad_(False)
     pipe = CGMLLMPipeline(model=model, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                          processor=processor)
+                          processor=processor).to(device)
     pipe.set_progress_bar_config(disable=True)
     result = {}
     if ARMS[arm].get("tasks", JOINT_TASKS).get("text_to_shape"):
@@ -171,12 +173,20 @@ def evaluate_arm(arm: str, model, processor, rows, num_steps: int, pointnet) -> 
         # Sampling time alone (no mesh extraction, which is the same for every arm): 10 prompts in one batch.
         prompts = [row["caption"] for row in rows[:10]]
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        synchronize(device)
         tick = time.perf_counter()
         pipe(prompts, num_inference_steps=num_steps, guidance_scale=4.0, generator=generators, output_type="latent")
+        synchronize(device)
         result["sample_seconds_per_shape"] = (time.perf_counter() - tick) / len(prompts)
     result["mesh_caption"] = shape_to_caption(pipe, rows)["family_word_accuracy"]
     result["image_caption"] = image_to_caption(pipe, rows)["family_word_accuracy"]
     return result
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def import_everything() -> None:
@@ -195,7 +205,7 @@ def import_everything() -> None:
 def check_settings(path: Path, args, num_rows: int) -> None:
     """A result of other settings in the same work folder would end up in one table with the new ones: refused."""
     result = json.loads(path.read_text())
-    wanted = {"steps": args.steps, "num_rows": num_rows, "denoise_steps": args.denoise_steps}
+    wanted = {"steps": args.steps, "num_rows": num_rows, "denoise_steps": args.denoise_steps, "device": args.device}
     differing = {key: (result[key], value) for key, value in wanted.items() if result.get(key, value) != value}
     if differing:
         raise ValueError(f"{path} was measured with other settings ("
@@ -230,11 +240,12 @@ def run(args) -> None:
                 continue
             log(f"{arm} seed {seed}: training {args.steps} steps")
             torch.manual_seed(seed)
-            model, processor, seconds = train_arm(arm, seed, args.steps, work)
+            model, processor, seconds = train_arm(arm, seed, args.steps, work, args.device)
             log(f"{arm} seed {seed}: trained in {seconds:.0f} s; evaluating on {len(rows)} held-out rows")
             tick = time.perf_counter()
-            result = evaluate_arm(arm, model, processor, rows, args.denoise_steps, pointnet)
+            result = evaluate_arm(arm, model, processor, rows, args.denoise_steps, pointnet, args.device)
             result.update(arm=arm, seed=seed, steps=args.steps, num_rows=len(rows), denoise_steps=args.denoise_steps,
+                          device=args.device,
                           train_seconds=seconds,
                           eval_seconds=time.perf_counter() - tick,
                           parameters=sum(p.numel() for p in model.parameters()))
@@ -297,8 +308,22 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=30, help="held-out single-shape rows per measurement")
     parser.add_argument("--denoise-steps", type=int, default=25, help="sampling steps of text -> 3D")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda: where the arms train and sample (the data and latent cache are built on "
+                             "the CPU); results of another device are not mixed into one work folder's table")
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished arms and stop")
     args = parser.parse_args(argv)
+    if not args.table_only:
+        from cgmllm.training.devices import resolve_device
+
+        try:
+            device = resolve_device(args.device)
+        except ValueError as error:
+            parser.error(str(error))
+        if device.type not in ("cpu", "cuda") or device.index is not None:
+            parser.error(f"--device {args.device}: the arms run on cpu or cuda (pick the GPU with "
+                         "CUDA_VISIBLE_DEVICES).")
+        args.device = device.type
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.table_only:

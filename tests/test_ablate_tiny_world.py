@@ -33,7 +33,7 @@ def test_every_arm_config_builds_the_model_it_names(ablate, tmp_path):
         [stage] = config["stages"]
         # The same budget for every arm; only the named setting differs.
         assert (stage.max_steps, stage.num_shape_tokens, stage.learning_rate) == (40, tokens, 1e-3)
-        assert config["training"]["save_steps"] == 10
+        assert config["training"]["save_steps"] == 10 and config["training"]["use_cpu"] is True
         tiny = dict(config["model"]["tiny"])
         tiny.pop("vocab_size")
         model_config = tiny_model_config(processor, **tiny)
@@ -77,17 +77,17 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
     (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 4.25, "num_rows": 30}))
     trained = []
 
-    def train_arm(arm, seed, steps, work):
-        trained.append((arm, seed, steps))
+    def train_arm(arm, seed, steps, work, device):
+        trained.append((arm, seed, steps, device))
         return torch.nn.Linear(2, 3), None, 7.0
 
     monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
     monkeypatch.setattr(ablate, "train_arm", train_arm)
     monkeypatch.setattr(ablate, "evaluate_arm",
-                        lambda arm, model, processor, rows, steps, pointnet: {"mesh_caption": 1.0})
+                        lambda arm, model, processor, rows, steps, pointnet, device: {"mesh_caption": 1.0})
     monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
     assert ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "12"]) == 0
-    assert trained == [("shared", 0, 12)]
+    assert trained == [("shared", 0, 12, "cpu")]
     result = json.loads((tmp_path / "results" / "shared-seed0.json").read_text())
     assert (result["mesh_caption"], result["train_seconds"], result["parameters"]) == (1.0, 7.0, 9)
     # Everything has a result now: a third run trains nothing.
@@ -98,3 +98,27 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
         ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "40"])
     assert "p-FID floor (the prompts' combinations drawn again with new dimensions, scored the same way): 4.2" in (
         ablate.table(tmp_path, list(ablate.ARMS), [0]))
+
+
+def test_device_reaches_the_training_config_and_a_missing_gpu_is_refused_before_any_work(ablate, tmp_path):
+    import torch
+
+    config = ablate.arm_config("mot", seed=0, steps=8, work=tmp_path, device="cuda")
+    assert ablate.yaml.safe_load(config.read_text())["training"]["use_cpu"] is False
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal below is for machines without one")
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit):
+        ablate.main(["--work", str(work), "--device", "cuda"])
+    assert not work.exists()  # nothing was built
+
+
+def test_results_of_another_device_are_not_mixed(ablate, tmp_path, monkeypatch):
+    import cgmllm.training.tiny_world.evaluation as evaluation
+
+    _write_result(tmp_path, "mot", 0, steps=500, num_rows=0, denoise_steps=25, device="cuda")
+    (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 1.0, "num_rows": 0}))
+    monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
+    monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
+    with pytest.raises(ValueError, match=r"other settings \(device cuda instead of cpu\)"):
+        ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "mot"])
