@@ -199,6 +199,21 @@ def test_train_vae_resumes_to_the_uninterrupted_weights(world, tmp_path):
     assert resumed["history"] == straight["history"] and resumed["heldout"] == straight["heldout"]
 
 
+def test_a_checkpoint_from_before_an_argument_existed_resumes_at_its_default(world, tmp_path):
+    """A run started by an older `train_vae` has no entry for arguments added since (e.g. `--device`, `--compile`):
+    they count as their defaults, which is what the older command did; set to anything else, the resume is refused."""
+    args = ["--data", str(world), *ARGS, "--out", str(tmp_path / "run"), "--steps", "4"]
+    train_vae.main([*args, "--stop-after", "2"])
+    path = tmp_path / "run" / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    for name in ("device", "compile"):
+        del state["run_key"][name]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"--compile False \(now True\)"):
+        train_vae.main([*args, "--resume", "--compile"])
+    assert train_vae.main([*args, "--resume", "--stop-after", "1"])["stopped_at"] == 3
+
+
 def test_train_vae_uses_the_checkpoint_left_by_a_kill_between_renames(world, tmp_path):
     args = ["--data", str(world), *ARGS, "--out", str(tmp_path / "run")]
     train_vae.main([*args, "--stop-after", "2"])

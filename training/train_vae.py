@@ -235,6 +235,14 @@ def _run_key(args) -> dict:
     return {name: value for name, value in sorted(vars(args).items()) if name not in _SITTING_ARGS}
 
 
+def differing_run_arguments(saved: dict, current: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """The names whose value in `saved` (a run key written by an earlier sitting) differs from `current`. An argument
+    the saved key lacks was added to the command after that run started: it counts as its default, which is what
+    the older command did, so such a run resumes unless the new argument is set to something else."""
+    return sorted(name for name in set(saved) | set(current)
+                  if saved.get(name, parser.get_default(name)) != current.get(name, parser.get_default(name)))
+
+
 def save_training_state(out: Path, state: dict):
     """Write `state` to `out/checkpoint/state.pt` atomically: a temporary folder, then a rename over the old one."""
     final, temporary = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".tmp")
@@ -258,11 +266,11 @@ def load_training_state(out: Path, args) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG state is a dict
-    saved, current = state["run_key"], _run_key(args)
-    differing = sorted(name for name in set(saved) | set(current) if saved.get(name) != current.get(name))
+    saved, current, parser = state["run_key"], _run_key(args), build_parser()
+    differing = differing_run_arguments(saved, current, parser)
     if differing:
-        details = ", ".join(f"--{name.replace('_', '-')} {saved.get(name)!r} (now {current.get(name)!r})"
-                            for name in differing)
+        details = ", ".join(f"--{name.replace('_', '-')} {saved.get(name, parser.get_default(name))!r} "
+                            f"(now {current.get(name)!r})" for name in differing)
         raise ValueError(f"{path} was written by a run with other arguments: {details}. Resume with the same "
                          "arguments, or train into a new --out.")
     return state

@@ -172,9 +172,9 @@ def _load_state(out: Path, args) -> list[str]:
     if not args.resume:
         raise ValueError(f"{out} holds a recipe run (finished phases: {', '.join(state['done']) or 'none'}); pass "
                          "--resume to continue it, or choose a new --out.")
-    current = _run_key(args)
-    differing = sorted(name for name in set(state["args"]) | set(current)
-                       if state["args"].get(name) != current.get(name))
+    from ..train_vae import differing_run_arguments
+
+    differing = differing_run_arguments(state["args"], _run_key(args), build_parser())
     if differing:
         raise ValueError(f"--resume: {out} was started with other arguments ({', '.join(differing)}); resume with "
                          "the same arguments and config, or choose a new --out.")
