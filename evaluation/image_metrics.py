@@ -112,6 +112,19 @@ def iqa_scores(images: Sequence[Image.Image], metric: str = "clipiqa+",
     `metric_options["backbone"]` (a local OpenAI CLIP file) or else pyiqa's cache folder. Without a path pyiqa takes
     its default weights from its cache folder (`<torch hub dir>/pyiqa`) and downloads them where they are missing.
     `metric_options` go to the pyiqa architecture (e.g. `pretrained=False`, `backbone=...`, sizes)."""
+    kwargs, prompt_file = dict(metric_options), None
+    if pretrained_model_path:
+        path = os.fspath(pretrained_model_path)
+        if not os.path.isfile(path):
+            raise ValueError(f"{metric} weights {path}: no such file.")
+        if metric == "clipiqa+":
+            kwargs["pretrained"], prompt_file = False, path
+        elif metric.startswith("clipiqa+"):
+            # pyiqa's other CLIP-IQA+ variants ship a whole state dict under 'params', not a prompt tensor.
+            raise ValueError(f"{metric}: a local weights file is only supported for 'clipiqa+' (its learned prompt "
+                             "tensor); give no path to let pyiqa load this variant's own weights from its cache.")
+        else:
+            kwargs["pretrained_model_path"] = path
     try:
         import pyiqa
     except Exception as error:  # not only ImportError: a torchvision built for another torch fails at import
@@ -119,15 +132,6 @@ def iqa_scores(images: Sequence[Image.Image], metric: str = "clipiqa+",
         raise ValueError(f"{metric} needs pyiqa, which could not be imported ({type(error).__name__}: {first_line}). "
                          "Install it (`pip install pyiqa`, PolyForm Noncommercial licence) beside a torchvision "
                          "built for the installed torch; see the README's Evaluation section.") from error
-    kwargs, prompt_file = dict(metric_options), None
-    if pretrained_model_path:
-        path = os.fspath(pretrained_model_path)
-        if not os.path.isfile(path):
-            raise ValueError(f"{metric} weights {path}: no such file.")
-        if metric.startswith("clipiqa+"):
-            kwargs["pretrained"], prompt_file = False, path
-        else:
-            kwargs["pretrained_model_path"] = path
     try:
         scorer = pyiqa.create_metric(metric, device=torch.device(device), as_loss=False, **kwargs)
     except Exception as error:

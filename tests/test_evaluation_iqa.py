@@ -5,6 +5,7 @@ is none on PyPI (its torchvision wheels are CUDA builds), so these tests skip th
 that case is tested everywhere.
 """
 
+import re
 import sys
 import warnings
 
@@ -36,6 +37,19 @@ def test_pyiqa_that_cannot_be_imported_is_a_clear_error(monkeypatch):
         iqa_scores(_images(1), "musiq")
 
 
+def test_a_local_file_for_another_clipiqa_plus_variant_is_refused_before_pyiqa_is_needed(tmp_path):
+    # pyiqa's clipiqa+_rn50_512 / clipiqa+_vitL14_512 weights are a whole state dict under 'params', not the prompt
+    # tensor that a 'clipiqa+' file is loaded as; refused without importing pyiqa (runs where it cannot import).
+    weights = tmp_path / "CLIPIQA+_RN50_512.pth"
+    torch.save({"params": {"prompt_learner.ctx": torch.zeros(2, 16, 512)}}, weights)
+    for metric in ("clipiqa+_rn50_512", "clipiqa+_vitL14_512"):
+        expected = re.escape(f"{metric}: a local weights file is only supported for 'clipiqa+'")
+        with pytest.raises(ValueError, match=expected):
+            iqa_scores(_images(1), metric, weights)
+    with pytest.raises(ValueError, match="no such file"):
+        iqa_scores(_images(1), "clipiqa+", tmp_path / "missing.pth")
+
+
 #: A MUSIQ small enough for a test: one transformer layer of width 32 (pyiqa's default: 14 layers of 384).
 TINY_MUSIQ = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1)
 
@@ -60,6 +74,8 @@ def test_musiq_from_a_local_weights_file(tmp_path):
     # Greyscale and RGBA views score as their RGB conversion.
     assert iqa_scores([images[0].convert("L")], "musiq", path, **TINY_MUSIQ) == iqa_scores(
         [images[0].convert("L").convert("RGB")], "musiq", path, **TINY_MUSIQ)
+    assert iqa_scores([images[0].convert("RGBA")], "musiq", path, **TINY_MUSIQ) == iqa_scores(
+        [images[0].convert("RGBA").convert("RGB")], "musiq", path, **TINY_MUSIQ)
     assert pyiqa.create_metric  # the package itself, not a stand-in
 
     with pytest.raises(ValueError, match="no such file"):
