@@ -95,16 +95,37 @@ def prepare_data(work: Path, seed: int = 0) -> Path:
     return latents
 
 
+def check_arm_folder(run: Path, steps: int, device: str) -> None:
+    """An arm folder trained with other `--steps` / `--device` would be resumed (or, finished, loaded) under the new
+    ones: refused, from the config it was trained with, before that config is rewritten."""
+    path = run / "config.yaml"
+    if not path.is_file():
+        if (run / "train").exists():
+            raise ValueError(f"{run / 'train'} holds training but {path} is missing, so its settings are unknown; "
+                             "remove the folder, or choose a new --work.")
+        return
+    config = yaml.safe_load(path.read_text())
+    old = {"steps": config["stages"][0]["max_steps"],
+           "device": "cpu" if config["training"].get("use_cpu") else "cuda"}
+    new = {"steps": steps, "device": device}
+    differing = [f"{key} {old[key]} instead of {new[key]}" for key in new if old[key] != new[key]]
+    if differing:
+        raise ValueError(f"{run} was trained with other settings ({', '.join(differing)}); rerun with the same "
+                         "arguments, or choose a new --work.")
+
+
 def arm_config(arm: str, seed: int, steps: int, work: Path, device: str = "cpu") -> Path:
-    """Write the arm's `cgmllm-train` config (the shipped tiny-world config with one stage) and return its path."""
+    """Write the arm's `cgmllm-train` config (the shipped tiny-world config with one stage) and return its path; an
+    arm folder trained with other `steps` / `device` is refused (`check_arm_folder`)."""
     settings = ARMS[arm]
+    run = work / "arms" / f"{arm}-seed{seed}"
+    check_arm_folder(run, steps, device)
     base = work / "base_config.yaml"
     if not base.is_file():
         # Kept with the work folder: a later sitting trains its arms from the same config even if the shipped one
         # changed in between.
         shutil.copyfile(BASE_CONFIG, base)
     config = yaml.safe_load(base.read_text())
-    run = work / "arms" / f"{arm}-seed{seed}"
     tokens = settings.get("num_shape_tokens", 16)
     config["seed"] = seed
     config["output_dir"] = str(run / "train")
@@ -133,10 +154,17 @@ def train_arm(arm: str, seed: int, steps: int, work: Path, device: str = "cpu"):
     timing = run / "train_seconds.json"
     spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
     start = time.perf_counter()
-    model, results = run_stages(load_config(config_path), resume=True)
-    if not results[-1]["skipped"]:
-        spent += time.perf_counter() - start  # this sitting's training (sittings add up)
-        timing.write_text(json.dumps({"seconds": spent, "train_loss": results[-1]["train_loss"]}) + "\n")
+    last = None
+    try:
+        model, results = run_stages(load_config(config_path), resume=True)
+        last = results[-1]
+    finally:
+        # Sittings add up, a sitting cut by an exception or Ctrl-C included (its steps after the last checkpoint
+        # are trained again, and counted again, by the next one); a SIGKILL'ed sitting is not counted.
+        if last is None or not last["skipped"]:
+            spent += time.perf_counter() - start
+            timing.write_text(json.dumps({"seconds": spent,
+                                          "train_loss": None if last is None else last["train_loss"]}) + "\n")
     processor = CGMLLMProcessor.from_pretrained(results[-1]["final"])
     return model.eval(), processor, spent
 
@@ -220,10 +248,21 @@ def run(args) -> None:
     import_everything()
     work = Path(args.work).resolve()
     (work / "results").mkdir(parents=True, exist_ok=True)
-    prepare_data(work)
     rows = single_shape_rows(heldout_rows(), args.num)
     pointnet = tiny_world_pointnet_path()
     floor_path = work / "results" / "floor.json"
+    # Before any work: every result already here (not only the arms about to run), the floor, and the arm folders
+    # about to be trained must have this run's settings, or they would end up in one table with its results.
+    for path in sorted((work / "results").glob("*-seed*.json")):
+        check_settings(path, args, len(rows))
+    if floor_path.is_file() and json.loads(floor_path.read_text())["num_rows"] != len(rows):
+        raise ValueError(f"{floor_path} was measured on {json.loads(floor_path.read_text())['num_rows']} rows instead "
+                         f"of {len(rows)}; rerun with the same --num, or choose a new --work.")
+    for seed in args.seeds:
+        for arm in args.arms:
+            if not (work / "results" / f"{arm}-seed{seed}.json").is_file():
+                check_arm_folder(work / "arms" / f"{arm}-seed{seed}", args.steps, args.device)
+    prepare_data(work)
     if not floor_path.is_file():
         # The p-FID of a generator right on every prompt: the same combinations drawn again with new dimensions.
         from cgmllm.training.tiny_world.evaluation import point_cloud_distances, redrawn_meshes
@@ -235,7 +274,6 @@ def run(args) -> None:
         for arm in args.arms:
             path = work / "results" / f"{arm}-seed{seed}.json"
             if path.is_file():
-                check_settings(path, args, len(rows))
                 log(f"{arm} seed {seed}: done in an earlier run")
                 continue
             log(f"{arm} seed {seed}: training {args.steps} steps")
@@ -314,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished arms and stop")
     args = parser.parse_args(argv)
     if not args.table_only:
+        if args.num < 2:
+            parser.error(f"--num {args.num}: at least 2 rows, so that the novel and the seen subsets each have one.")
         from cgmllm.training.devices import resolve_device
 
         try:

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num", type=int, default=40, help="held-out prompts / meshes per measurement")
     parser.add_argument("--num-token", type=int, default=10, help="prompts of the block vs token comparison")
     parser.add_argument("--num-primitives", type=int, default=10,
-                        help="posed trimesh primitives per family to caption (8 families)")
+                        help="posed trimesh primitives per family to caption (8 families; 0 skips these rows)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--guidance-interval", type=float, nargs=2, default=[0.4, 1.0], metavar=("LOW", "HIGH"),
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--by-prompt", action="store_true",
                         help="also print text -> 3D family accuracy per prompt (all prompts), worst first")
     args = parser.parse_args(argv)
+    if args.num_primitives < 0:
+        parser.error(f"--num-primitives {args.num_primitives}: give 0 (skip the primitives rows) or more.")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -148,16 +150,17 @@ def main(argv=None) -> int:
               ("mesh->caption BLEU-1", f"{captions['bleu1']:.1f}"),
               ("mesh->caption ROUGE-L", f"{captions['rouge_l']:.1f}"),
               ("mesh->caption METEOR", f"{captions['meteor']:.1f}")]
-    if args.verbose:
-        print("posed trimesh primitives -> caption:")
-    primitives = primitive_captions(pipe, posed_primitive_rows(args.num_primitives, seed=args.seed),
-                                    verbose=args.verbose)
-    table += [(f"posed trimesh primitives -> caption family-word accuracy ({primitives['count']})",
-               f"{primitives['family_word_accuracy']:.0%}"),
-              ("posed trimesh primitives: as built (axis +Z) / randomly posed",
-               f"{primitives['as_built_accuracy']:.0%} / {primitives['posed_accuracy']:.0%}"),
-              ("posed trimesh primitives: right per family", ", ".join(
-                  f"{family} {right}/{total}" for family, (right, total) in primitives["by_family"].items()))]
+    if args.num_primitives:
+        if args.verbose:
+            print("posed trimesh primitives -> caption:")
+        primitives = primitive_captions(pipe, posed_primitive_rows(args.num_primitives, seed=args.seed),
+                                        verbose=args.verbose)
+        table += [(f"posed trimesh primitives -> caption family-word accuracy ({primitives['count']})",
+                   f"{primitives['family_word_accuracy']:.0%}"),
+                  ("posed trimesh primitives: as built (axis +Z) / randomly posed",
+                   f"{primitives['as_built_accuracy']:.0%} / {primitives['posed_accuracy']:.0%}"),
+                  ("posed trimesh primitives: right per family", ", ".join(
+                      f"{family} {right}/{total}" for family, (right, total) in primitives["by_family"].items()))]
     views = [dict(row, image=render_view(row)) for row in rows]  # rendered once for both image measurements
     if args.verbose:
         print("image -> caption:")

@@ -74,7 +74,7 @@ def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
     for arm in ablate.ARMS:
         if arm != "shared":
             _write_result(tmp_path, arm, 0, text_to_shape=0.5)
-    (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 4.25, "num_rows": 30}))
+    (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 4.25, "num_rows": 0}))
     trained = []
 
     def train_arm(arm, seed, steps, work, device):
@@ -122,3 +122,87 @@ def test_results_of_another_device_are_not_mixed(ablate, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
     with pytest.raises(ValueError, match=r"other settings \(device cuda instead of cpu\)"):
         ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "mot"])
+
+
+def _no_training(ablate, monkeypatch):
+    """The job with data building, training and evaluation replaced (they are tested elsewhere); returns the list of
+    the arm x seed pairs it trained."""
+    import torch
+
+    import cgmllm.training.tiny_world.evaluation as evaluation
+
+    trained = []
+
+    def train_arm(arm, seed, steps, work, device):
+        ablate.arm_config(arm, seed, steps, work, device)  # what the real one does first
+        trained.append((arm, seed))
+        return torch.nn.Linear(2, 3), None, 7.0
+
+    monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
+    monkeypatch.setattr(ablate, "train_arm", train_arm)
+    monkeypatch.setattr(ablate, "evaluate_arm",
+                        lambda arm, model, processor, rows, steps, pointnet, device: {"mesh_caption": 1.0})
+    monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
+    return trained
+
+
+def test_every_result_and_the_floor_are_checked_before_any_training(ablate, tmp_path, monkeypatch):
+    trained = _no_training(ablate, monkeypatch)
+    # A result of an arm this run does not train, measured with other steps.
+    _write_result(tmp_path, "tokens64", 1, steps=40, num_rows=0, denoise_steps=25, device="cpu")
+    with pytest.raises(ValueError, match=r"tokens64-seed1.json was measured with other settings \(steps 40 instead of "
+                                         r"12\)"):
+        ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "mot", "--steps", "12"])
+    assert trained == []
+    (tmp_path / "results" / "tokens64-seed1.json").unlink()
+    (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 1.0, "num_rows": 30}))
+    with pytest.raises(ValueError, match=r"floor.json was measured on 30 rows instead of 0"):
+        ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "mot", "--steps", "12"])
+    assert trained == []
+
+
+def test_an_arm_folder_trained_with_other_steps_or_device_is_refused_before_its_config_is_rewritten(
+        ablate, tmp_path, monkeypatch):
+    config = ablate.arm_config("mot", seed=0, steps=8, work=tmp_path)
+    written = config.read_text()
+    with pytest.raises(ValueError, match=r"mot-seed0 was trained with other settings \(steps 8 instead of 12\)"):
+        ablate.arm_config("mot", seed=0, steps=12, work=tmp_path)
+    with pytest.raises(ValueError, match=r"\(device cpu instead of cuda\)"):
+        ablate.arm_config("mot", seed=0, steps=8, work=tmp_path, device="cuda")
+    assert config.read_text() == written
+    assert ablate.arm_config("mot", seed=0, steps=8, work=tmp_path) == config  # the same settings resume
+    # Training without its config: settings unknown.
+    (tmp_path / "arms" / "shared-seed0" / "train" / "train" / "final").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds training but .*config.yaml is missing"):
+        ablate.arm_config("shared", seed=0, steps=8, work=tmp_path)
+    # The job refuses before training anything, even an arm that comes earlier.
+    trained = _no_training(ablate, monkeypatch)
+    with pytest.raises(ValueError, match=r"\(steps 8 instead of 12\)"):
+        ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "tokens32", "mot", "--steps", "12"])
+    assert trained == [] and config.read_text() == written
+
+
+def test_fewer_than_two_rows_are_refused(ablate, tmp_path):
+    with pytest.raises(SystemExit):
+        ablate.main(["--work", str(tmp_path), "--num", "1"])
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_cut_sitting_still_counts_its_training_seconds(ablate, tmp_path, monkeypatch):
+    import time
+
+    import cgmllm.training.cli as cli
+
+    def cut(config, resume=None):
+        time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_stages", cut)
+    timing = tmp_path / "arms" / "mot-seed0" / "train_seconds.json"
+    with pytest.raises(KeyboardInterrupt):
+        ablate.train_arm("mot", 0, 8, tmp_path)
+    first = json.loads(timing.read_text())
+    assert first["seconds"] >= 0.01 and first["train_loss"] is None
+    with pytest.raises(KeyboardInterrupt):
+        ablate.train_arm("mot", 0, 8, tmp_path)
+    assert json.loads(timing.read_text())["seconds"] >= first["seconds"] + 0.01  # sittings add up

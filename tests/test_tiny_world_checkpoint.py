@@ -116,3 +116,18 @@ def test_posed_sphere_primitives_are_captioned_as_spheres(pipe):
     assert result["by_family"]["cylinder"] == (sum(hits[3:]), 3)
     assert result["family_word_accuracy"] == pytest.approx(sum(hits) / 6)
     assert result["as_built_accuracy"] == pytest.approx((hits[0] + hits[3]) / 2)
+
+
+def test_benchmark_refuses_a_negative_number_of_primitives(capsys):
+    # `--num-primitives 0` skips the primitives rows; below 0 is refused before any model is loaded.
+    import importlib.util
+
+    from cgmllm.cli import default_model_dir
+
+    path = default_model_dir().parents[1] / "benchmarks" / "eval_tiny_world.py"
+    spec = importlib.util.spec_from_file_location("eval_tiny_world", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--num-primitives", "-1"])
+    assert "--num-primitives -1: give 0 (skip the primitives rows) or more." in capsys.readouterr().err
