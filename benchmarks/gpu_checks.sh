@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU measurement issues 19 and 23 left open, in one run (about 8 minutes on one H200; each step has its own
-# time limit, so one that hangs or fails does not stop the others). Run it from the repository root on a machine with
-# a CUDA GPU and this package installed (`pip install -e ".[gpu]"` for the flash-attn checks):
+# Every GPU measurement issues 19 and 23 left open (never run yet: no GPU has been lent to this work). Each step has
+# its own time limit, so one that hangs or fails does not stop the others. Run it from the repository root on a
+# machine with a CUDA GPU and this package installed (`pip install -e ".[gpu]"` for the flash-attn checks):
 #
 #     bash benchmarks/gpu_checks.sh [OUTPUT_FOLDER]      # default: $OUT, else ./gpu_checks_out
+#
+# The step limits add up to 1,080 s. Where one command may run at most 10 minutes, run it in two parts chosen with
+# STEPS (space-separated step names; default: all), each part's limits adding up to under 600 s:
+#
+#     STEPS="flash_vs_sdpa generation_sdpa generation_flash_attention_2 vae_decode vae_field_call" \
+#         bash benchmarks/gpu_checks.sh out/part1                                              # limits: 560 s
+#     STEPS="generation_flex_attention train_memory denoise_compile" bash benchmarks/gpu_checks.sh out/part2  # 520 s
 #
 # Each step writes its own log into the output folder; `summary.txt` lists every step with its exit status. Copy the
 # tables into the README where it says "still to be measured on a GPU", naming the GPU.
@@ -24,9 +31,15 @@ mkdir -p "$OUTPUT"
 SUMMARY="$OUTPUT/summary.txt"
 : > "$SUMMARY"
 
+STEPS="${STEPS:-all}"
+wanted() {  # wanted NAME: whether STEPS selects this step
+    [ "$STEPS" = all ] || [[ " $STEPS " == *" $1 "* ]]
+}
+
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUTPUT/NAME.txt, record the exit status
     local name="$1" limit="$2"
     shift 2
+    wanted "$name" || return 0
     echo "=== $name (limit ${limit} s): $*" | tee -a "$SUMMARY"
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUTPUT/$name.txt" 2>&1
@@ -49,11 +62,12 @@ SHAPE_2B=(--hidden-size 2048 --layers 28 --heads 16 --kv-heads 8 --head-dim 128 
 step flash_vs_sdpa 120 "$PYTHON" benchmarks/check_flash_attention.py --hidden 1024 --layers 4 --rows 1024
 
 for attention in sdpa flash_attention_2 flex_attention; do
-    if [ "$attention" = flash_attention_2 ] && ! "$PYTHON" -c "import flash_attn" 2>/dev/null; then
+    if wanted "generation_$attention" && [ "$attention" = flash_attention_2 ] \
+        && ! "$PYTHON" -c "import flash_attn" 2>/dev/null; then
         echo "=== generation_$attention: skipped, flash-attn is not installed" | tee -a "$SUMMARY"
         continue
     fi
-    step "generation_$attention" 150 "$PYTHON" benchmarks/bench_generation.py --device cuda --dtype bfloat16 \
+    step "generation_$attention" 140 "$PYTHON" benchmarks/bench_generation.py --device cuda --dtype bfloat16 \
         "${SHAPE_2B[@]}" --attn-implementation "$attention" --sizes 512 4096 --samplers block --steps 10 \
         --repeats 2
 done
@@ -64,7 +78,7 @@ step train_memory 200 "$PYTHON" benchmarks/bench_train_memory.py --device cuda -
 step denoise_compile 180 "$PYTHON" benchmarks/bench_denoise_compile.py --device cuda --dtype bfloat16 \
     --hidden 2048 --layers 4 --rows 4096 --steps 10
 
-step vae_decode 120 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --resolutions 256 384
+step vae_decode 100 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --resolutions 256 384
 step vae_field_call 60 "$PYTHON" benchmarks/bench_vae_decode.py --device cuda --latent-kv 8000 32768
 
 echo "logs in $OUTPUT" | tee -a "$SUMMARY"
