@@ -157,6 +157,15 @@ def _pad_future(tensor: torch.Tensor, length: int, fill_value) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_full((tensor.shape[0], length), fill_value)], dim=1)
 
 
+def _check_attention_mask_shape(attention_mask: torch.Tensor | None, batch_size: int, kv_length: int) -> None:
+    """Raises `ValueError` unless the 2D padding mask is None or `(batch, past_length + q_len)`."""
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, kv_length):
+        raise ValueError(
+            f"`attention_mask` must have shape (batch, cached + new tokens) = {(batch_size, kv_length)}, "
+            f"got {tuple(attention_mask.shape)}."
+        )
+
+
 def create_hybrid_attention_mask(
     config,
     inputs_embeds: torch.Tensor,
@@ -195,6 +204,7 @@ def create_hybrid_attention_mask(
     batch_size, q_length = inputs_embeds.shape[:2]
     kv_length = past_length + q_length
     device = inputs_embeds.device
+    _check_attention_mask_shape(attention_mask, batch_size, kv_length)  # before the plain-causal shortcut takes it
 
     # The shortcuts below read the inputs' layout on the host (one sync each). Traced (torch.compile, export, CUDA
     # graph capture), the forward builds the general mask instead: the same rule, no host read, no graph break.
@@ -214,11 +224,6 @@ def create_hybrid_attention_mask(
     if attention_mask is None:
         keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     else:
-        if attention_mask.shape != (batch_size, kv_length):
-            raise ValueError(
-                f"`attention_mask` must have shape (batch, cached + new tokens) = {(batch_size, kv_length)}, "
-                f"got {tuple(attention_mask.shape)}."
-            )
         keep = attention_mask.to(device=device).bool()
     # Key columns the cache will hand to the kernel beyond the real ones (a StaticCache's unused slots).
     unused_columns = 0
@@ -316,6 +321,7 @@ def _flash_attention_setup(
     docstring)."""
     kv_length = past_length + q_length
     device = shape_block_ids.device
+    _check_attention_mask_shape(attention_mask, batch_size, kv_length)  # before a shortcut drops it
     keep = None if attention_mask is None else attention_mask.to(device=device).bool()
     has_padding = keep is not None and not bool(keep.all())
     has_blocks = bool((shape_block_ids >= 0).any())
@@ -337,11 +343,6 @@ def _flash_attention_setup(
         keep = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     elif keep is not None and not has_padding and unused_columns == 0:
         keep = None
-    if keep is not None and keep.shape != (batch_size, kv_length):
-        raise ValueError(
-            f"`attention_mask` must have shape (batch, cached + new tokens) = {(batch_size, kv_length)}, "
-            f"got {tuple(keep.shape)}."
-        )
     # Causal without 3D queries (bottom-right aligned after a cache, as flash-attn >= 2.1 does); one block sees all.
     return AttentionSetup(implementation, keep, {"is_causal": not has_blocks})
 

@@ -24,6 +24,7 @@ The latents are unscaled; a diffusion model works on `latents * config.scale_fac
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -664,14 +665,21 @@ class ShapeVAE(ModelMixin, ConfigMixin):
         return field
 
     @staticmethod
-    def check_mesh_settings(octree_resolution: int, method: str = "hierarchical") -> None:
-        """Raises `ValueError` if `features_to_mesh` cannot run with these settings: an octree resolution below 1, an
-        unknown method, or a grid that cannot fit in the memory available now (`volume_decoding.check_grid_memory`).
-        Pipelines call it before denoising, so that a bad setting fails before the work, not after it."""
-        if not isinstance(octree_resolution, int) or octree_resolution < 1:
+    def check_mesh_settings(octree_resolution: int, method: str = "hierarchical") -> int:
+        """Raises `ValueError` if `features_to_mesh` cannot run with these settings: an octree resolution that is not
+        an integer of at least 1 (any integral type, e.g. `np.int64`, but not a bool), an unknown method, or a grid
+        that cannot fit in the memory available now (`volume_decoding.check_grid_memory`). Returns the resolution as
+        a plain `int`. Pipelines call it before denoising, so that a bad setting fails before the work, not after."""
+        if (
+            not isinstance(octree_resolution, numbers.Integral)
+            or isinstance(octree_resolution, bool)
+            or octree_resolution < 1
+        ):
             raise ValueError(f"`octree_resolution` must be a positive integer, got {octree_resolution!r}.")
+        octree_resolution = int(octree_resolution)
         grid_memory_bytes(octree_resolution, method)  # names an unknown method
         check_grid_memory(octree_resolution, method)
+        return octree_resolution
 
     @torch.no_grad()
     @apply_forward_hook

@@ -30,8 +30,10 @@ gets exactly `num_chunks` points (see `_evaluate_points`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,16 +117,53 @@ def grid_memory_bytes(resolution: int, method: str = "hierarchical") -> int:
     return _GRID_BYTES_PER_POINT[method] * (int(resolution) + 1) ** 3
 
 
-def check_grid_memory(resolution: int, method: str = "hierarchical") -> None:
-    """Raises `ValueError` if the grid cannot fit in the memory available now, before anything is allocated: an
-    octree resolution of a few thousand would otherwise end with the process killed by the kernel (or the machine
-    swapping), not with a message. Needs `psutil` (installed with accelerate and peft); without it nothing is
-    checked."""
+def _read_cgroup_bytes(path: Path) -> int | None:
+    """The integer in a cgroup memory file, or `None` if it is missing, unreadable or not a number ("max")."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def cgroup_available_memory(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup still allows (its limit minus its usage), or `None` if no limit is set or
+    the files cannot be read. Containers limit memory with cgroups, which `psutil.virtual_memory()` does not see:
+    it reports the host's memory. Reads cgroup v2 (`memory.max`, `memory.current` under `cgroup_root`), else v1
+    (`memory/memory.limit_in_bytes`, `memory/memory.usage_in_bytes`)."""
+    root = Path(cgroup_root)
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_cgroup_bytes(root / limit_file), _read_cgroup_bytes(root / usage_file)
+        if limit is not None and usage is not None:
+            return max(limit - usage, 0)
+    return None
+
+
+def available_memory_bytes(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory available now: psutil's available system memory, capped by the cgroup's remaining allowance
+    (`cgroup_available_memory`); `None` if neither can be read (no `psutil`, no cgroup limit)."""
+    candidates = [cgroup_available_memory(cgroup_root)]
     try:
         import psutil
     except ImportError:
+        pass
+    else:
+        candidates.append(psutil.virtual_memory().available)
+    candidates = [value for value in candidates if value is not None]
+    return min(candidates) if candidates else None
+
+
+def check_grid_memory(resolution: int, method: str = "hierarchical") -> None:
+    """Raises `ValueError` if the grid cannot fit in the memory available now (`available_memory_bytes`: the system's,
+    capped by a container's cgroup limit), before anything is allocated: an octree resolution of a few thousand would
+    otherwise end with the process killed by the kernel (or the machine swapping), not with a message. Without
+    `psutil` (installed with accelerate and peft) and without a cgroup limit nothing is checked."""
+    available = available_memory_bytes()
+    if available is None:
         return
-    needed, available = grid_memory_bytes(resolution, method), psutil.virtual_memory().available
+    needed = grid_memory_bytes(resolution, method)
     if needed > available:
         raise ValueError(
             f"octree resolution {resolution} needs about {needed / 2**30:.1f} GiB for its grid ({method} decoding), "
@@ -403,6 +442,8 @@ def field_to_mesh(
 
 __all__ = [
     "VolumeGrid",
+    "available_memory_bytes",
+    "cgroup_available_memory",
     "check_grid_memory",
     "decode_volume_dense",
     "decode_volume_hierarchical",

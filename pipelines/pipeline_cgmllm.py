@@ -566,7 +566,9 @@ class CGMLLMPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )
         if output_type == "trimesh":  # the mesh settings too: a grid too large for the memory fails now, not after
-            self.vae.check_mesh_settings(octree_resolution, (mesh_kwargs or {}).get("method", "hierarchical"))
+            octree_resolution = self.vae.check_mesh_settings(
+                octree_resolution, (mesh_kwargs or {}).get("method", "hierarchical")
+            )
         self._guidance_scale = guidance_scale
         self._interrupt = False
 

@@ -96,6 +96,25 @@ def test_flash_dispatch_rule(tiny_config, flash_standin):
     assert setup.kwargs["cu_seq_lens_q"].dtype == torch.int32
 
 
+@pytest.mark.parametrize("past", [0, 5])
+def test_wrong_shaped_attention_mask_is_refused_like_sdpa(tiny_config, flash_standin, past):
+    # An all-ones mask of the wrong length must not be dropped as "no padding" before its shape is checked.
+    ids = [[11, 12, 13, 14]] if past == 0 else [shape_span(3)]
+    noisy = None if past == 0 else [[True] * 5]
+    message = r"`attention_mask` must have shape \(batch, cached \+ new tokens\) = \(1, %d\), got \(1, 3\)" % (
+        past + len(ids[0])
+    )
+    for implementation in ("flash_attention_2", "sdpa"):
+        tiny_config.text_config._attn_implementation = implementation
+        block_ids = torch.tensor(ids)
+        block_ids = torch.where((block_ids == OBJ_START) | (block_ids == OBJ_PAD) | (block_ids == OBJ_END), 0, -1)
+        noisy_mask = torch.zeros_like(block_ids, dtype=torch.bool) if noisy is None else torch.tensor(noisy)
+        with pytest.raises(ValueError, match=message):
+            prepare_attention(tiny_config.text_config, torch.zeros(1, len(ids[0]), 32),
+                              torch.ones(1, 3, dtype=torch.long), past, block_ids, noisy_mask)
+    tiny_config.text_config._attn_implementation = "sdpa"
+
+
 def test_hybrid_masks_fall_back_to_sdpa_or_flex(tiny_config, flash_standin):
     # A training row: caption, then a noisy block (bidirectional inside a causal sequence) -> sdpa, dense mask.
     ids = [[11, 12] + shape_span(3)]
@@ -181,6 +200,9 @@ def test_static_cache_step_equals_sdpa(tiny_model, flash_standin):
                           shape_latents=latents, shape_timesteps=torch.full((1,), 0.5)).velocity
 
     reference, result = _run_both(tiny_model, run)
+    # Both forwards ran on the flash stand-in (with the padding mask of the real columns, hence varlen), not on the
+    # sdpa fallback.
+    assert flash_standin["varlen"] == 2 * tiny_model.config.text_config.num_hidden_layers
     torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-5)
 
 

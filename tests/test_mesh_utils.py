@@ -29,6 +29,8 @@ from cgmllm.volume_decoding import (
     _cells_touching,
     _collect,
     _corner_offsets,
+    available_memory_bytes,
+    cgroup_available_memory,
     decode_volume_dense,
     decode_volume_hierarchical,
     dense_grid_points,
@@ -374,6 +376,29 @@ def test_a_grid_larger_than_the_memory_is_refused_before_the_field_is_called():
     assert calls == []
     field_to_mesh(field, resolution=16)  # an ordinary size passes the check
     assert calls
+
+
+def test_cgroup_memory_limit_caps_the_available_memory(tmp_path):
+    # Layouts of the kernel's cgroup files, written into a tmp folder standing in for /sys/fs/cgroup.
+    v2, v1, unlimited, empty = (tmp_path / name for name in ("v2", "v1", "unlimited", "empty"))
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")  # 1 GiB
+    (v2 / "memory.current").write_text("268435456\n")  # 256 MiB used
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("134217728\n")
+    unlimited.mkdir()
+    (unlimited / "memory.max").write_text("max\n")
+    (unlimited / "memory.current").write_text("268435456\n")
+    empty.mkdir()
+    assert cgroup_available_memory(v2) == 768 * 2**20
+    assert cgroup_available_memory(v1) == 384 * 2**20
+    assert cgroup_available_memory(unlimited) is None
+    assert cgroup_available_memory(empty) is None
+    psutil = pytest.importorskip("psutil")
+    system = psutil.virtual_memory().available
+    assert available_memory_bytes(v2) == min(system, 768 * 2**20)
+    assert available_memory_bytes(empty) is not None and abs(available_memory_bytes(empty) - system) < 2**30
 
 
 def test_band_catches_parts_the_coarse_grid_cannot_see():

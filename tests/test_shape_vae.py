@@ -432,6 +432,15 @@ def test_hierarchical_equals_dense_on_tiny_vae_field(nut):
     assert np.abs(meshes["dense"].vertices).max() <= 1.01 + 1e-6
 
 
+def test_check_mesh_settings_accepts_numpy_integers_and_refuses_the_rest():
+    resolution = ShapeVAE.check_mesh_settings(np.int64(128))
+    assert resolution == 128 and type(resolution) is int
+    assert type(ShapeVAE.check_mesh_settings(64, "dense")) is int
+    for bad in (1.5, True, 0, np.int64(0), -3, "128", None):
+        with pytest.raises(ValueError, match=r"`octree_resolution` must be a positive integer, got "):
+            ShapeVAE.check_mesh_settings(bad)
+
+
 def test_field_fn_projects_the_latents_once_with_the_same_values(nut):
     model = tiny_vae(seed=1)
     with torch.no_grad():

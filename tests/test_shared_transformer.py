@@ -55,6 +55,21 @@ def test_shared_equals_mot_when_the_expert_weights_are_equal():
     torch.testing.assert_close(shared_out.loss, mot_out.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_3d_rows_train_the_token_ar_weights_only_in_the_shared_transformer():
+    # Only the flow (velocity) loss: text rows' LM loss would give every TokenAR weight a gradient anyway. The last
+    # layer's TokenAR MLP is reached by 3D rows only through the shared transformer: under MoT they run through
+    # BlockAR's, and the text tokens' last-layer outputs feed no 3D row.
+    mot, shared = _models()
+    grads = {}
+    for name, model in (("mot", mot), ("shared", shared)):
+        model.train()
+        model(**_batch()).velocity.square().mean().backward()
+        grads[name] = model.model.language_model.layers[-1].mlp.down_proj.weight.grad
+    assert grads["shared"] is not None and grads["shared"].abs().sum() > 0
+    assert grads["mot"] is None or grads["mot"].abs().sum() == 0
+    assert mot.model.language_model.layers[-1].mlp_block_ar.down_proj.weight.grad.abs().sum() > 0
+
+
 def test_the_shared_transformer_trains_and_round_trips(tmp_path):
     _, shared = _models()
     shared.train()
@@ -67,8 +82,6 @@ def test_the_shared_transformer_trains_and_round_trips(tmp_path):
         # The flow loss needs a target; velocity towards zero is enough to see the 3D path learn.
         loss = out.loss + out.velocity.square().mean()
         loss.backward()
-        # The 3D rows train the TokenAR weights (there are no others).
-        assert shared.model.language_model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
