@@ -395,9 +395,16 @@ def test_cgroup_memory_limit_caps_the_available_memory(tmp_path):
     assert cgroup_available_memory(v1) == 384 * 2**20
     assert cgroup_available_memory(unlimited) is None
     assert cgroup_available_memory(empty) is None
+    # Reclaimable page cache (inactive file pages) is not counted as used.
+    (v2 / "memory.stat").write_text("anon 100\nfile 300000000\ninactive_file 134217728\nactive_file 5\n")
+    assert cgroup_available_memory(v2) == 896 * 2**20
+    (v1 / "memory" / "memory.stat").write_text("cache 9\ntotal_inactive_file 67108864\n")
+    assert cgroup_available_memory(v1) == 448 * 2**20
+    (v2 / "memory.stat").write_text("inactive_file 999999999999\n")  # never below zero used, never above the limit
+    assert cgroup_available_memory(v2) == 2**30
     psutil = pytest.importorskip("psutil")
     system = psutil.virtual_memory().available
-    assert available_memory_bytes(v2) == min(system, 768 * 2**20)
+    assert available_memory_bytes(v2) == min(system, 2**30)
     assert available_memory_bytes(empty) is not None and abs(available_memory_bytes(empty) - system) < 2**30
 
 

@@ -125,19 +125,36 @@ def _read_cgroup_bytes(path: Path) -> int | None:
         return None
 
 
+def _read_memory_stat(path: Path, key: str) -> int:
+    """One counter of a cgroup `memory.stat` file (`key value` lines), 0 if the file or the key is missing."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def cgroup_available_memory(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
-    """Bytes this process's memory cgroup still allows (its limit minus its usage), or `None` if no limit is set or
-    the files cannot be read. Containers limit memory with cgroups, which `psutil.virtual_memory()` does not see:
+    """Bytes this process's memory cgroup still allows (its limit minus its working set), or `None` if no limit is set
+    or the files cannot be read. Containers limit memory with cgroups, which `psutil.virtual_memory()` does not see:
     it reports the host's memory. Reads cgroup v2 (`memory.max`, `memory.current` under `cgroup_root`), else v1
-    (`memory/memory.limit_in_bytes`, `memory/memory.usage_in_bytes`)."""
+    (`memory/memory.limit_in_bytes`, `memory/memory.usage_in_bytes`). The usage counts the page cache, which the
+    kernel reclaims before it kills anything, so its inactive file pages (`inactive_file` / `total_inactive_file` in
+    `memory.stat`) are not counted as used, as the kubelet's working set does: right after reading a large checkpoint
+    the usage alone would leave almost nothing "available"."""
     root = Path(cgroup_root)
-    for limit_file, usage_file in (
-        ("memory.max", "memory.current"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    for limit_file, usage_file, stat_file, inactive_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
     ):
         limit, usage = _read_cgroup_bytes(root / limit_file), _read_cgroup_bytes(root / usage_file)
         if limit is not None and usage is not None:
-            return max(limit - usage, 0)
+            working_set = max(usage - _read_memory_stat(root / stat_file, inactive_key), 0)
+            return max(limit - working_set, 0)
     return None
 
 
