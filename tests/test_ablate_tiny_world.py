@@ -67,25 +67,11 @@ def test_the_table_gives_mean_and_spread_and_names_what_is_missing(ablate, tmp_p
 
 
 def test_a_rerun_trains_only_what_has_no_result(ablate, tmp_path, monkeypatch):
-    import torch
-
-    import cgmllm.training.tiny_world.evaluation as evaluation
-
     for arm in ablate.ARMS:
         if arm != "shared":
             _write_result(tmp_path, arm, 0, text_to_shape=0.5)
     (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 4.25, "num_rows": 0}))
-    trained = []
-
-    def train_arm(arm, seed, steps, work, device):
-        trained.append((arm, seed, steps, device))
-        return torch.nn.Linear(2, 3), None, 7.0
-
-    monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
-    monkeypatch.setattr(ablate, "train_arm", train_arm)
-    monkeypatch.setattr(ablate, "evaluate_arm",
-                        lambda arm, model, processor, rows, steps, pointnet, device: {"mesh_caption": 1.0})
-    monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
+    trained = _no_training(ablate, monkeypatch)
     assert ablate.main(["--work", str(tmp_path), "--seeds", "0", "--steps", "12"]) == 0
     assert trained == [("shared", 0, 12, "cpu")]
     result = json.loads((tmp_path / "results" / "shared-seed0.json").read_text())
@@ -114,19 +100,17 @@ def test_device_reaches_the_training_config_and_a_missing_gpu_is_refused_before_
 
 
 def test_results_of_another_device_are_not_mixed(ablate, tmp_path, monkeypatch):
-    import cgmllm.training.tiny_world.evaluation as evaluation
-
     _write_result(tmp_path, "mot", 0, steps=500, num_rows=0, denoise_steps=25, device="cuda")
     (tmp_path / "results" / "floor.json").write_text(json.dumps({"p_fid": 1.0, "num_rows": 0}))
-    monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
-    monkeypatch.setattr(evaluation, "heldout_rows", lambda: [])
+    trained = _no_training(ablate, monkeypatch)
     with pytest.raises(ValueError, match=r"other settings \(device cuda instead of cpu\)"):
         ablate.main(["--work", str(tmp_path), "--seeds", "0", "--arms", "mot"])
+    assert trained == []
 
 
 def _no_training(ablate, monkeypatch):
     """The job with data building, training and evaluation replaced (they are tested elsewhere); returns the list of
-    the arm x seed pairs it trained."""
+    the `(arm, seed, steps, device)` it trained."""
     import torch
 
     import cgmllm.training.tiny_world.evaluation as evaluation
@@ -135,7 +119,7 @@ def _no_training(ablate, monkeypatch):
 
     def train_arm(arm, seed, steps, work, device):
         ablate.arm_config(arm, seed, steps, work, device)  # what the real one does first
-        trained.append((arm, seed))
+        trained.append((arm, seed, steps, device))
         return torch.nn.Linear(2, 3), None, 7.0
 
     monkeypatch.setattr(ablate, "prepare_data", lambda work: None)
