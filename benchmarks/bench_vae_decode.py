@@ -320,12 +320,12 @@ def main() -> None:
                              "the CPU as in the pipeline. --baseline / --chunk-sizes report process CPU seconds, "
                              "which mean little on a GPU: use the default mode or --latent-kv there")
     args = parser.parse_args()
+    from cgmllm.training.devices import resolve_device
+
     try:
-        args.device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"--device {args.device!r}: {error}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available to torch here.")
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if "shipped" in args.fields and args.baseline is None and args.chunk_sizes is None:
         parser.error("--fields shipped is only offered with --baseline or --chunk-sizes")
     if args.threads:
