@@ -354,12 +354,9 @@ def main(argv=None) -> int:
     if not args.table_only:
         if args.num < 2:
             parser.error(f"--num {args.num}: at least 2 rows, so that the novel and the seen subsets each have one.")
-        from cgmllm.training.devices import resolve_device
+        from cgmllm.training.devices import parse_device_argument
 
-        try:
-            device = resolve_device(args.device)
-        except ValueError as error:
-            parser.error(str(error))
+        device = parse_device_argument(parser, args.device)
         if device.type not in ("cpu", "cuda") or device.index is not None:
             parser.error(f"--device {args.device}: the arms run on cpu or cuda (pick the GPU with "
                          "CUDA_VISIBLE_DEVICES).")

@@ -56,7 +56,9 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    from cgmllm.training.devices import parse_device_argument
+
+    dtype, device = getattr(torch, args.dtype), parse_device_argument(parser, args.device)
 
     model = build(args.hidden, args.layers, args.rows, dtype, device)
     config = model.config

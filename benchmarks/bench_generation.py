@@ -224,7 +224,9 @@ def main():
     parser.add_argument("--worker-sampler", help=argparse.SUPPRESS)
     parser.add_argument("--worker-image-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from cgmllm.training.devices import parse_device_argument
 
+    parse_device_argument(parser, args.device)  # a missing GPU is a usage error here, not a failed worker
     if args.worker_size is not None:
         print(json.dumps(worker(args)))
         return

@@ -75,16 +75,17 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    cuda = args.device == "cuda"
-    model = build_model(args.layers, dtype).to(args.device)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = build_model(args.layers, dtype).to(device)
     ids, labels = sample(model.config, args.size)
     ids, labels = ids.to(args.device), labels.to(args.device)
     latents = torch.randn(args.size, 64, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else _rss_kib("VmRSS") * 1024
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else _rss_kib("VmRSS") * 1024
     start = time.perf_counter()
     if args.path == "labelled":
         out = model(input_ids=ids, labels=labels, shape_latents=latents, generator=generator)
@@ -97,9 +98,9 @@ def worker(args) -> dict:
         flow_loss = per_row[out.flow_loss_mask].mean()
     (lm_loss + flow_loss).backward()
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024) - base
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _rss_kib("VmHWM") * 1024) - base
     return {"size": args.size, "path": args.path, "peak_gib": peak / 2**30, "seconds": seconds,
             "lm_loss": float(lm_loss), "flow_loss": float(flow_loss)}
 
@@ -116,6 +117,9 @@ def main():
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from cgmllm.training.devices import parse_device_argument
+
+    parse_device_argument(parser, args.device)  # a missing GPU is a usage error here, not a failed worker
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -113,12 +113,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    from cgmllm.training.devices import describe_device, resolve_device
+    from cgmllm.training.devices import describe_device, parse_device_argument
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = parse_device_argument(parser, args.device)
     torch.set_num_threads(args.threads)
 
     variants = {}

@@ -320,12 +320,9 @@ def main() -> None:
                              "the CPU as in the pipeline. --baseline / --chunk-sizes report process CPU seconds, "
                              "which mean little on a GPU: use the default mode or --latent-kv there")
     args = parser.parse_args()
-    from cgmllm.training.devices import resolve_device
+    from cgmllm.training.devices import parse_device_argument
 
-    try:
-        args.device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    args.device = parse_device_argument(parser, args.device)
     if "shipped" in args.fields and args.baseline is None and args.chunk_sizes is None:
         parser.error("--fields shipped is only offered with --baseline or --chunk-sizes")
     if args.threads:

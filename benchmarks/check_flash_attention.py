@@ -38,13 +38,14 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
+    from cgmllm.training.devices import parse_device_argument
     from transformers import DataCollatorWithFlattening
     from transformers.cache_utils import DynamicCache, StaticCache
     from transformers.utils import is_flash_attn_2_available
 
+    device, dtype = parse_device_argument(parser, args.device), getattr(torch, args.dtype)
     if not is_flash_attn_2_available():
         raise SystemExit("needs a CUDA GPU and flash-attn (pip install 'cg-mllm[gpu]'): nothing checked")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"flash-attn 2 vs sdpa on {name}, {args.dtype}, hidden {args.hidden}, {args.layers} layers, "
           f"N = {args.rows}")

@@ -27,6 +27,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def parse_device_argument(parser, name: str) -> torch.device:
+    """`resolve_device` for a command's `--device`: what it refuses ends the command through `parser.error` (usage,
+    the reason, exit status 2), as any other bad argument does."""
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def describe_device(device: torch.device) -> str:
     """What a run's summary records: `cpu (2 threads)` or `cuda:0 (NVIDIA H200)`."""
     if device.type == "cuda":
@@ -37,4 +46,4 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-__all__ = ["describe_device", "resolve_device"]
+__all__ = ["describe_device", "parse_device_argument", "resolve_device"]
