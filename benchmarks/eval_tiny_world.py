@@ -3,13 +3,15 @@
     python benchmarks/eval_tiny_world.py                                    # the shipped checkpoint
     python benchmarks/eval_tiny_world.py --model runs/tiny-world/pipeline --data runs/tiny-world/data --num 40
     python benchmarks/eval_tiny_world.py --vae runs/vae/vae --num 60               # a ShapeVAE's round trip only
+    python benchmarks/eval_tiny_world.py --vae checkpoints/tiny-world/vae --vae-latents 16   # ... with 16 latent rows
 
 Without `--data` the held-out split is rebuilt in memory from its specs (the recipe's default sizes and seed).
 
 Rows (single shapes of the `test` split, in file order; see `cgmllm.training.tiny_world.evaluation`):
 * ShapeVAE reconstruction: volume IoU, Chamfer distance and family accuracy of encode -> decode, on all / novel /
   seen rows: the accuracy a generator would reach by reproducing the ground truth's own latents, so the cap of the
-  text -> 3D family rows (with `--vae FOLDER`, for that ShapeVAE, e.g. a `train_vae` output, and nothing else);
+  text -> 3D family rows (with `--vae FOLDER`, for that ShapeVAE, e.g. a `train_vae` output, and nothing else;
+  `--vae-latents N` encodes with N latent rows instead of the pipeline's largest, the cap at a smaller N);
 * text -> 3D from the canonical captions, on all / novel-combination / seen-combination prompts: family accuracy
   (nearest reference family, pose and proportions taken out), proportion and orientation accuracy;
 * p-FID / p-KID (Point-E's protocol, `cgmllm.evaluation`) of the text -> 3D and image -> 3D shapes against the
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
                         help="no global renorm of the guided velocity (the official sampler renorms)")
     parser.add_argument("--vae", default=None,
                         help="a ShapeVAE folder (e.g. train_vae's OUT/vae): measure only its round trip")
+    parser.add_argument("--vae-latents", type=int, default=None,
+                        help="latent rows of the ShapeVAE round trip (default: the pipeline's largest N)")
     parser.add_argument("--pointnet", default=None,
                         help="PointNet++ checkpoint in Point-E's layout for p-FID / p-KID (default: the tiny world's)")
     parser.add_argument("--octree-resolution", type=int, default=64)
@@ -99,6 +103,9 @@ def main(argv=None) -> int:
         parser.error("no --model given and no shipped tiny-world checkpoint found")
     pipe = CGMLLMPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    if args.vae_latents is not None and not 1 <= args.vae_latents <= pipe.max_shape_tokens:
+        parser.error(f"--vae-latents {args.vae_latents}: the round trip takes 1 to {pipe.max_shape_tokens} latent "
+                     "rows (the pipeline's largest N).")
     if args.vae:
         # Only the round trip is meaningful: the pipeline's model was trained on its own VAE's latents.
         pipe.vae = ShapeVAE.from_pretrained(args.vae).eval().requires_grad_(False)
@@ -112,8 +119,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
 
     table = []
-    vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution)
-    table += [(f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
+    vae = vae_reconstruction(pipe, rows, octree_resolution=args.octree_resolution, num_shape_tokens=args.vae_latents)
+    table += [("ShapeVAE latent rows of the round trip", str(args.vae_latents or pipe.max_shape_tokens)),
+              (f"ShapeVAE volume IoU ({vae['count']} meshes)", f"{vae['iou']:.3f}"),
               ("ShapeVAE Chamfer distance (cube [-1, 1]^3)", f"{vae['chamfer']:.4f}"),
               ("ShapeVAE round-trip family accuracy, all", f"{vae['family_accuracy']:.0%}")]
     for name, novel_rows in (("novel combinations", True), ("seen combinations", False)):

@@ -100,6 +100,33 @@ def test_benchmark_round_trip_rows_per_subset(capsys):
     novel, seen = (percent[f"ShapeVAE round-trip family accuracy, {name} combinations (2)"]
                    for name in ("novel", "seen"))
     assert percent["ShapeVAE round-trip family accuracy, all"] == pytest.approx((novel + seen) / 2, abs=1)
+    assert rows["ShapeVAE latent rows of the round trip"] == "64"  # the pipeline's largest N by default
+
+
+def test_benchmark_round_trip_at_fewer_latent_rows(pipe, capsys):
+    # `--vae-latents N`: the round trip (the cap of generation) at a smaller N, as the latent-rows ablation trains.
+    import importlib.util
+
+    from cgmllm.cli import default_model_dir
+    from cgmllm.training.tiny_world.evaluation import heldout_rows, single_shape_rows, vae_reconstruction
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_tiny_world", default_model_dir().parents[1] / "benchmarks" / "eval_tiny_world.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    vae = str(default_model_dir() / "vae")
+    assert benchmark.main(["--vae", vae, "--vae-latents", "16", "--num", "2", "--threads", "2"]) == 0
+    printed = dict(line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("| ") and not line.startswith("| metric"))
+    assert printed["ShapeVAE latent rows of the round trip"] == "16"
+    at_16 = vae_reconstruction(pipe, single_shape_rows(heldout_rows(), 2), octree_resolution=64, num_shape_tokens=16)
+    at_64 = vae_reconstruction(pipe, single_shape_rows(heldout_rows(), 2), octree_resolution=64)
+    assert printed["ShapeVAE volume IoU (2 meshes)"] == f"{at_16['iou']:.3f}" != f"{at_64['iou']:.3f}"
+    for bad in ("0", "65"):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(["--vae", vae, "--vae-latents", bad, "--num", "2"])
+        assert exit_info.value.code == 2
+    assert "--vae-latents 65: the round trip takes 1 to 64 latent rows" in capsys.readouterr().err
 
 
 def test_posed_sphere_primitives_are_captioned_as_spheres(pipe):

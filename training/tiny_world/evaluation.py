@@ -105,8 +105,9 @@ def _chamfer(a: trimesh.Trimesh, b: trimesh.Trimesh, num_points: int = 4096, see
 
 @torch.no_grad()
 def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, num_queries: int = 20000,
-                       seed: int = 0) -> dict[str, float]:
-    """Encode every ground-truth mesh (`pipe.encode_mesh`, the posterior mean) and decode it again.
+                       seed: int = 0, num_shape_tokens: int | None = None) -> dict[str, float]:
+    """Encode every ground-truth mesh (`pipe.encode_mesh`, the posterior mean, with `num_shape_tokens` latent rows:
+    default the pipeline's largest) and decode it again.
 
     Returns the mean volume IoU (occupancy of `num_queries` uniform points in the VAE cube, ground truth by
     winding number vs. decoded field > 0), the mean Chamfer distance between the decoded and the ground-truth
@@ -118,7 +119,7 @@ def vae_reconstruction(pipe, rows: Sequence[dict], octree_resolution: int = 64, 
     ious, chamfers, family_hits, predictions = [], [], 0, []
     for row in rows:
         truth = normalize_mesh(row["mesh"])[0]
-        latents = pipe.encode_mesh(row["mesh"])
+        latents = pipe.encode_mesh(row["mesh"], num_shape_tokens=num_shape_tokens)
         points = rng.uniform(-1.0, 1.0, size=(num_queries, 3)).astype(np.float32)
         features = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype))
         predicted = pipe.vae.query(features, torch.from_numpy(points)[None].to(features))[0].float().cpu().numpy() > 0
