@@ -300,6 +300,28 @@ def test_example_config_runs_all_stages(tmp_path, mesh_folder):
     assert results[1]["log_history"][0]["learning_rate"] == pytest.approx(1e-3)
 
 
+def test_longest_prompt_counts_the_paraphrases_the_collator_prompts_with(processor):
+    # The collator draws text -> 3D prompts from `captions` when the data has it (the tiny world does): a model
+    # trained on those paraphrases must not warn about them later.
+    from types import SimpleNamespace
+
+    from cgmllm.training.cli import record_longest_prompt
+
+    def length(text):
+        return len(processor.tokenizer(processor.text_to_shape_prompt(text), add_special_tokens=False)["input_ids"])
+
+    long = "a 3D model of a box that is wider than it is tall, tilted at an angle and resting on its side"
+    data = Dataset.from_dict({"caption": ["a box", "a ball"], "captions": [["a box", long], None]})
+    model = SimpleNamespace(config=SimpleNamespace(max_prompt_tokens=None))
+    record_longest_prompt(model, processor, data)
+    assert model.config.max_prompt_tokens == length(long) > length("a box")
+    record_longest_prompt(model, processor, data.remove_columns("captions"))  # a longer known value is kept
+    assert model.config.max_prompt_tokens == length(long)
+    model.config.max_prompt_tokens = None
+    record_longest_prompt(model, processor, data.remove_columns("captions"))
+    assert model.config.max_prompt_tokens == max(length("a box"), length("a ball"))
+
+
 def test_set_overrides_reach_nested_keys_and_list_items():
     from cgmllm.training.cli import load_config
 
