@@ -315,17 +315,18 @@ def _stage_result(stage, final, train_loss, log_history, resumed_from=None, skip
 
 def record_longest_prompt(model, processor, dataset) -> None:
     """Set `model.config.max_prompt_tokens` to the longest text -> 3D prompt (template included) this data gives, or
-    keep a longer value the model already has: the pipeline warns for prompts beyond it. The collator prompts with
-    any paraphrase of a `captions` column, so those count as well as `caption`. Streamed data is skipped (it cannot
-    be read twice)."""
+    keep a longer value the model already has: the pipeline warns for prompts beyond it. The texts are those the
+    collator prompts with: the `captions` paraphrases (`collator.caption_paraphrases`), else `caption`. Streamed data
+    is skipped (it cannot be read twice)."""
     from datasets import Dataset
+
+    from .collator import caption_paraphrases
 
     if not isinstance(dataset, Dataset) or "caption" not in dataset.column_names or len(dataset) == 0:
         return
-    texts = list(dataset["caption"])
-    if "captions" in dataset.column_names:
-        texts += [text for paraphrases in dataset["captions"] for text in (paraphrases or ()) if isinstance(text, str)]
-    prompts = [processor.text_to_shape_prompt(text) for text in texts if text and text.strip()]
+    columns = dataset.select_columns([name for name in ("caption", "captions") if name in dataset.column_names])
+    prompts = [processor.text_to_shape_prompt(text) for example in columns
+               for text in caption_paraphrases(example) or [example["caption"]] if text and text.strip()]
     if not prompts:
         return
     longest = max(len(ids) for ids in processor.tokenizer(prompts, add_special_tokens=False)["input_ids"])

@@ -30,6 +30,12 @@ CAPTION_TASKS = ("text_to_shape", "shape_caption", "image_caption")
 """Tasks that need the example's `caption`; an example without one (t500k rows without captions) does image -> 3D."""
 
 
+def caption_paraphrases(example) -> list[str]:
+    """The usable paraphrases of `example` (its `captions` column, empty if it has none): a text -> 3D prompt is drawn
+    from them, or is the canonical `caption` where there are none."""
+    return [text for text in (example.get("captions") or ()) if isinstance(text, str) and text.strip()]
+
+
 @dataclass
 class CGMLLMDataCollator:
     """Turns examples (`uid`, `caption`, latents, optional `image`) into `CGMLLMForConditionalGeneration` kwargs.
@@ -168,7 +174,7 @@ class CGMLLMDataCollator:
         if task == "text_to_shape":
             # Prompts are drawn from the paraphrases (when the data set has them), so generation follows any
             # wording; caption targets stay the canonical `caption`, so the captioner answers in one style.
-            paraphrases = [text for text in (example.get("captions") or ()) if isinstance(text, str) and text.strip()]
+            paraphrases = caption_paraphrases(example)
             prompt_text = rng.choice(paraphrases) if paraphrases else caption
             prompt = processor.text_to_shape_prompt("" if drop else prompt_text) + "<shape>"
         elif task == "image_to_shape":
